@@ -1,0 +1,40 @@
+"""Test set-up shared by the whole suite.
+
+TensorFlow must see 4 logical CPUs before it initialises, so this runs at
+import time, before any test module touches a device. Strategies are created
+once per session: creating one is slow, and tests share them.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+NUM_REPLICAS = 4
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_REPLICAS
+)
+
+CPU_DEVICES = [f"/cpu:{i}" for i in range(NUM_REPLICAS)]
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """MirroredStrategy over 4 logical CPUs (merge calls enabled)."""
+    return tf.distribute.MirroredStrategy(CPU_DEVICES)
+
+
+@pytest.fixture(scope="session")
+def tpu_like_strategy():
+    """MirroredStrategy with merge calls disabled: the TPUStrategy path.
+
+    TF's own tests emulate TPUStrategy's no-merge-call replica context this
+    way.
+    """
+    strategy = tf.distribute.MirroredStrategy(CPU_DEVICES)
+    strategy.extended._use_merge_call = lambda: False  # pylint: disable=protected-access
+    return strategy

@@ -1,0 +1,137 @@
+"""The AdamW update as pure functions: tensors in, tensors out.
+
+Nothing here creates or assigns a variable or knows about `tf.distribute`;
+`tf_adamw.optimizer.AdamW` owns the state and calls these. Every function
+follows the operation order of Keras 3 (`keras/src/optimizers/adam.py` and
+`base_optimizer.py`) so float32 results agree with Keras to rounding.
+"""
+
+import tensorflow as tf
+
+
+def compute_dtype(dtype):
+    """The dtype the update math and slots use for a variable of `dtype`.
+
+    16-bit floats are promoted to float32: in bfloat16 `beta_2=0.999` rounds
+    to 1 (so Adam never moves) and in float16 `epsilon=1e-7` underflows.
+    """
+    dtype = tf.as_dtype(dtype)
+    if dtype in (tf.float16, tf.bfloat16):
+        return tf.float32
+    return dtype
+
+
+def densify(grad, shape):
+    """Returns `grad` as a dense tensor of `shape`.
+
+    `IndexedSlices` are scattered with duplicate indices summed, which is
+    exactly the dense gradient of a gather.
+    """
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.math.unsorted_segment_sum(
+            grad.values, grad.indices, num_segments=shape[0]
+        )
+    return tf.convert_to_tensor(grad)
+
+
+def global_norm(grads):
+    """The L2 norm of all `grads` taken together (Keras's `global_norm`)."""
+    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
+
+
+def clip_by_norm(grad, clipnorm):
+    """Clips one tensor to L2 norm `clipnorm` (as `tf.clip_by_norm`)."""
+    return tf.clip_by_norm(grad, clipnorm)
+
+
+def clip_by_global_norm(grads, clipnorm):
+    """Scales `grads` so that their global norm is at most `clipnorm`.
+
+    Keras's formula: a non-finite norm turns every gradient into NaN rather
+    than silently applying an unclipped step.
+
+    Returns:
+        `(clipped_grads, norm)`.
+    """
+    norm = global_norm(grads)
+    clipnorm = tf.cast(clipnorm, norm.dtype)
+    scale_for_finite = clipnorm * tf.minimum(1.0 / norm, 1.0 / clipnorm)
+    scale = scale_for_finite + (norm - norm)
+    return [g * tf.cast(scale, g.dtype) for g in grads], norm
+
+
+def clip_by_value(grad, clipvalue):
+    """Clips every element of `grad` into `[-clipvalue, clipvalue]`."""
+    return tf.clip_by_value(grad, -clipvalue, clipvalue)
+
+
+def step_size(learning_rate, beta_1, beta_2, step):
+    """Adam's bias-corrected step size ("epsilon hat" form).
+
+    Args:
+        learning_rate, beta_1, beta_2: scalars in the compute dtype.
+        step: the 1-based number of this update, same dtype.
+
+    Returns:
+        `learning_rate * sqrt(1 - beta_2**step) / (1 - beta_1**step)`.
+    """
+    beta_1_power = tf.pow(beta_1, step)
+    beta_2_power = tf.pow(beta_2, step)
+    return learning_rate * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+
+
+def adamw_update(
+    variable,
+    grad,
+    momentum,
+    velocity,
+    velocity_hat,
+    *,
+    alpha,
+    beta_1,
+    beta_2,
+    epsilon,
+    decay,
+):
+    """One AdamW step for one tensor, in the compute dtype.
+
+    Args:
+        variable: current value of the variable.
+        grad: its (unscaled, clipped) gradient.
+        momentum, velocity: the first and second moment estimates.
+        velocity_hat: AMSGrad's running maximum of `velocity`, or None.
+        alpha: `step_size(...)` for this step.
+        beta_1, beta_2, epsilon: scalars.
+        decay: `weight_decay * learning_rate`, or None when this variable is
+            excluded from weight decay.
+
+    Returns:
+        `(variable, momentum, velocity, velocity_hat)` after the step;
+        `velocity_hat` is None when it was None.
+    """
+    if decay is not None:
+        # Decoupled weight decay, applied before the Adam step (Keras order:
+        # `variable - variable * weight_decay * learning_rate`).
+        variable = variable - variable * decay
+    momentum = momentum + (grad - momentum) * (1 - beta_1)
+    velocity = velocity + (tf.square(grad) - velocity) * (1 - beta_2)
+    denominator_velocity = velocity
+    if velocity_hat is not None:
+        velocity_hat = tf.maximum(velocity_hat, velocity)
+        denominator_velocity = velocity_hat
+    variable = variable - (momentum * alpha) / (
+        tf.sqrt(denominator_velocity) + epsilon
+    )
+    return variable, momentum, velocity, velocity_hat
+
+
+def ema_update(average, variable, ema_momentum, first_update):
+    """The moving average after one applied update.
+
+    On the first applied update the average becomes a copy of the variable
+    (Keras's rule: the momentum is zero on iteration 0).
+    """
+    momentum = tf.cast(tf.logical_not(first_update), average.dtype) * tf.cast(
+        ema_momentum, average.dtype
+    )
+    return momentum * average + (1 - momentum) * variable
