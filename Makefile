@@ -12,7 +12,6 @@ venv: $(STAMP)
 
 $(STAMP): setup.py
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet -e '.[test,tfp]'
 	touch $(STAMP)
 
