@@ -14,6 +14,7 @@ import warnings
 import tensorflow as tf
 
 from tf_adamw import _validation as check
+from tf_adamw import distribute
 from tf_adamw import schedules
 from tf_adamw import update as adamw_math
 
@@ -38,6 +39,8 @@ class _Untracked:
         self.step_fn = None  # the compiled step, built lazily
         self.given = {}  # hyperparameter name -> the Python float given
         self.strategy = None  # the tf.distribute strategy of build()
+        self.init_strategy = None  # the strategy of __init__
+        self.distributed = False  # built under a non-default strategy
 
 
 def _unwrap(variable):
@@ -56,10 +59,14 @@ def _unwrap(variable):
 def _var_key(variable):
     """A key identifying a variable, the same for every replica's copy."""
     variable = _unwrap(variable)
-    if hasattr(variable, "_distributed_container"):
-        variable = variable._distributed_container()  # pylint: disable=protected-access
-    elif hasattr(getattr(variable, "handle", None), "_distributed_container"):
-        variable = variable.handle._distributed_container()  # pylint: disable=protected-access
+    if not isinstance(variable, tf.distribute.DistributedValues):
+        container = getattr(variable, "_distributed_container", None)
+        if container is None:
+            # ResourceVariables of a strategy carry it on their handle.
+            container = getattr(getattr(variable, "handle", None),
+                                "_distributed_container", None)
+        if container is not None:
+            variable = container()
     return variable._unique_id  # pylint: disable=protected-access
 
 
@@ -72,6 +79,12 @@ def _slot_name(variable, kind):
     base = re.sub(r":\d+$", "", _var_name(variable))
     base = base.replace("/", "_").replace(":", "_")
     return f"{base}_{kind}"
+
+
+def _overwrite(variables, averages):
+    """`variable = average` for each pair, cast to the variable's dtype."""
+    for variable, average in zip(variables, averages):
+        variable.assign(tf.cast(average, variable.dtype))
 
 
 class AdamW(tf.Module):
@@ -212,7 +225,7 @@ class AdamW(tf.Module):
 
         # State created now: counters and hyperparameters. They are
         # variables so that changing them never retraces the step.
-        self._strategy_at_init = tf.distribute.get_strategy()
+        self._untracked.init_strategy = tf.distribute.get_strategy()
         with tf.init_scope():
             self._iterations = self._counter("iteration")
             if self._gradient_accumulation_steps:
@@ -244,12 +257,15 @@ class AdamW(tf.Module):
     # Variables owned by the optimizer.
 
     def _counter(self, name):
+        # Aggregation NONE everywhere: every replica writes the same value
+        # to its own copy, so no update ever needs a collective (and TPUs
+        # cannot all-reduce int64).
         return tf.Variable(
             0,
             dtype=tf.int64,
             trainable=False,
             name=f"{self._keras_name}/{name}",
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            aggregation=tf.VariableAggregation.NONE,
         )
 
     def _hyperparameter(self, name, value, *, schedule_ok=False, low=0.0,
@@ -279,7 +295,7 @@ class AdamW(tf.Module):
             dtype=tf.float32,
             trainable=False,
             name=f"{self._keras_name}/{name}",
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            aggregation=tf.VariableAggregation.NONE,
         )
 
     @property
@@ -406,10 +422,10 @@ class AdamW(tf.Module):
         lambda self: self._gradient_accumulation_steps)
     jit_compile = property(lambda self: self._jit_compile)
 
-    def _current_learning_rate(self):
+    def _current_learning_rate(self, iterations=None):
         lr = self._learning_rate
         if schedules.is_schedule(lr):
-            return lr(self._iterations)
+            return lr(self._iterations if iterations is None else iterations)
         if isinstance(lr, tf.Variable):
             return lr
         return lr()
@@ -504,6 +520,24 @@ class AdamW(tf.Module):
             return
         if not var_list:
             raise ValueError("Argument `var_list` must not be empty.")
+        strategy = tf.distribute.get_strategy()
+        distribute.check_supported(strategy)
+        if strategy is not self._untracked.init_strategy:
+            raise ValueError(
+                "This optimizer was created under "
+                f"{type(self._untracked.init_strategy).__name__} but is built "
+                f"under {type(strategy).__name__}. Create the optimizer and "
+                "call `optimizer.build(model.trainable_variables)` inside the "
+                "same `strategy.scope()`."
+            )
+        if tf.distribute.has_strategy() and (
+                not tf.distribute.in_cross_replica_context()):
+            raise ValueError(
+                "The optimizer cannot create its slots inside `strategy.run` "
+                "(replica context). Call "
+                "`optimizer.build(model.trainable_variables)` under "
+                "`strategy.scope()` before running the training step."
+            )
         index = {}
         for i, variable in enumerate(var_list):
             tf_var = _unwrap(variable)
@@ -520,7 +554,6 @@ class AdamW(tf.Module):
                     "`var_list`."
                 )
             index[key] = i
-        strategy = tf.distribute.get_strategy()
         with tf.init_scope():
             slots = {kind: [] for kind in _SLOT_KINDS}
             for variable in var_list:
@@ -548,6 +581,7 @@ class AdamW(tf.Module):
         u.index = index
         u.use_decay = [self._uses_weight_decay(v) for v in var_list]
         u.strategy = strategy
+        u.distributed = tf.distribute.has_strategy()
         # Assigning the lists tracks their elements under stable names
         # (`_momentums/0`, ...); a checkpoint restored into the unbuilt
         # optimizer is applied to them now (deferred restoration).
@@ -575,8 +609,24 @@ class AdamW(tf.Module):
     # ------------------------------------------------------------------
     # Applying gradients.
 
-    def apply_gradients(self, grads_and_vars):
-        """Applies `(gradient, variable)` pairs; returns `iterations`."""
+    def apply_gradients(self, grads_and_vars, name=None,
+                        skip_gradients_aggregation=False, **kwargs):
+        """Applies `(gradient, variable)` pairs; returns `iterations`.
+
+        Args:
+            grads_and_vars: iterable of `(gradient, variable)`.
+            name: ignored (tf_keras compatibility).
+            skip_gradients_aggregation: in a replica context, do not sum the
+                gradients across replicas: the caller already did. tf_keras's
+                `experimental_aggregate_gradients=False` means the same.
+        """
+        del name
+        if "experimental_aggregate_gradients" in kwargs:
+            aggregate = kwargs.pop("experimental_aggregate_gradients")
+            skip_gradients_aggregation = not check.boolean(
+                "experimental_aggregate_gradients", aggregate)
+        if kwargs:
+            raise ValueError(f"Argument(s) not recognized: {kwargs}")
         pairs = list(grads_and_vars)
         for pair in pairs:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -587,9 +637,11 @@ class AdamW(tf.Module):
         if not pairs:
             return self._iterations
         grads, variables = zip(*pairs)
-        return self.apply(list(grads), list(variables))
+        return self.apply(list(grads), list(variables),
+                          skip_gradients_aggregation=skip_gradients_aggregation)
 
-    def apply(self, grads, trainable_variables=None):
+    def apply(self, grads, trainable_variables=None,
+              skip_gradients_aggregation=False):
         """Applies `grads` to `trainable_variables` (or the built list).
 
         Args:
@@ -597,6 +649,7 @@ class AdamW(tf.Module):
                 skipped with a warning).
             trainable_variables: the variables, in the same order. If None,
                 `grads` must match the list the optimizer was built with.
+            skip_gradients_aggregation: see `apply_gradients`.
 
         Returns:
             `iterations`.
@@ -640,9 +693,17 @@ class AdamW(tf.Module):
                 f"Gradients do not exist for variables {missing} when "
                 "minimizing the loss; they are skipped."
             )
-        return self._dispatch(full)
+        return self._dispatch(
+            full, aggregate=not check.boolean(
+                "skip_gradients_aggregation", skip_gradients_aggregation))
 
     def _checked_gradient(self, grad, variable):
+        if distribute.is_distributed(grad):
+            # Per-replica gradients (from `strategy.run`) applied in a
+            # cross-replica context: check one replica's component.
+            for component in grad.values:
+                self._checked_gradient(component, variable)
+            return grad
         shape = _unwrap(variable).shape
         if isinstance(grad, tf.IndexedSlices):
             values_shape = grad.values.shape
@@ -668,75 +729,155 @@ class AdamW(tf.Module):
             )
         return grad
 
-    def _dispatch(self, grads):
-        """Runs the compiled step on `grads` (aligned with the built list)."""
+    def _dispatch(self, grads, aggregate=True):
+        """Runs the compiled step on `grads` (aligned with the built list).
+
+        One device: the compiled step runs once. Under a strategy, in a
+        replica context: gradients are summed across replicas (unless
+        `aggregate` is False), then every replica runs the compiled step on
+        its own copies. In a cross-replica context: per-replica gradients are
+        summed, plain tensors are taken as the global gradients, and the step
+        runs once per replica.
+        """
+        u = self._untracked
         strategy = tf.distribute.get_strategy()
-        if strategy is not self._untracked.strategy:
+        if (strategy is not u.strategy and u.distributed
+                and not tf.distribute.has_strategy()):
+            # A plain call (outside any scope) on an optimizer built under a
+            # strategy: a cross-replica call of that strategy.
+            with u.strategy.scope():
+                return self._dispatch(grads, aggregate)
+        if strategy is not u.strategy:
             raise ValueError(
                 "This optimizer was built under a different tf.distribute "
-                f"strategy ({type(self._untracked.strategy).__name__}) than "
-                f"the current one ({type(strategy).__name__}). Create and "
-                "`build()` the optimizer under `strategy.scope()` of the "
-                "strategy that runs the step."
+                f"strategy ({type(u.strategy).__name__}) than the current one "
+                f"({type(strategy).__name__}). Create and `build()` the "
+                "optimizer under `strategy.scope()` of the strategy that runs "
+                "the step."
             )
+        if not tf.distribute.has_strategy():
+            self._compiled_step()(grads)
+            return self._iterations
+        indices = [i for i, g in enumerate(grads) if g is not None]
+        present = []
+        for i in indices:
+            g = grads[i]
+            if not distribute.is_distributed(g):
+                # Reduce (and copy between devices) in the compute dtype.
+                variable = u.tf_vars[i]
+                g = tf.cast(adamw_math.densify(g, variable.shape),
+                            adamw_math.compute_dtype(variable.dtype))
+            present.append(g)
+
+        def run_on_this_replica(_, present_grads):
+            full = [None] * len(grads)
+            for i, g in zip(indices, present_grads):
+                full[i] = g
+            return self._compiled_step()(full)
+
+        if tf.distribute.in_cross_replica_context():
+            if any(distribute.is_distributed(g) for g in present):
+                present = strategy.extended.batch_reduce_to(
+                    tf.distribute.ReduceOp.SUM,
+                    [(g, u.tf_vars[i]) for i, g in zip(indices, present)])
+            strategy.extended.update(
+                self._iterations, run_on_this_replica, args=(present,))
+            return self._iterations
+        if aggregate:
+            present = distribute.all_reduce_sum(
+                tf.distribute.get_replica_context(), present)
+
+        def update_every_replica(strategy, present_grads):
+            return strategy.extended.update(
+                self._iterations, run_on_this_replica,
+                args=(present_grads,), group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            update_every_replica, strategy, present)
+        return self._iterations
+
+    def _compiled_step(self):
         if self._untracked.step_fn is None:
             self._untracked.step_fn = tf.function(
                 self._update_step,
                 jit_compile=self._jit_compile,
                 reduce_retracing=True,
             )
-        return self._untracked.step_fn(grads)
+        return self._untracked.step_fn
 
     def _update_step(self, grads):
         """The whole step for all variables, traced once per grad structure.
+
+        Runs on one replica (or the only device) against that replica's own
+        copies of every variable. Steps 2-8 of SPEC.md, in order.
 
         Args:
             grads: list aligned with the built variables; None where a
                 variable has no gradient this step.
         """
-        u = self._untracked
-        present = [i for i, g in enumerate(grads) if g is not None]
+        state = self._local_state()
         dense = {}
-        for i in present:
-            dtype = adamw_math.compute_dtype(u.tf_vars[i].dtype)
-            g = adamw_math.densify(grads[i], u.tf_vars[i].shape)
-            g = tf.cast(g, dtype)
-            # Unscale (step 2).
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            variable = state["variables"][i]
+            dtype = adamw_math.compute_dtype(variable.dtype)
+            g = tf.cast(adamw_math.densify(g, variable.shape), dtype)
+            # Step 2: unscale.
             if self._loss_scale_factor is not None:
                 g = g / tf.cast(self._loss_scale_factor, dtype)
             dense[i] = g
 
         k = self._gradient_accumulation_steps
         if not k:
-            self._apply_update(dense)
-        else:
-            # Accumulate (step 3): every k-th call applies the mean of the
-            # k gradients; the calls in between only add.
-            summed = {i: self._accumulators[i] + g for i, g in dense.items()}
-            is_apply = tf.equal(self._accumulation_count + 1, k)
+            self._apply_update(state, dense)
+            return tf.identity(state["iterations"])
+        # Step 3: accumulate. Every k-th call applies the mean of the k
+        # gradients; the calls in between only add (a tf.cond, so those
+        # calls skip the update's memory traffic).
+        accumulators = state["accumulators"]
+        count = state["accumulation_count"]
+        summed = {i: accumulators[i] + g for i, g in dense.items()}
 
-            def apply_mean():
-                self._apply_update(
-                    {i: s / tf.cast(k, s.dtype) for i, s in summed.items()})
-                for acc in self._accumulators:
-                    acc.assign(tf.zeros_like(acc))
-                self._accumulation_count.assign(0)
-                return tf.constant(True)
+        def apply_mean():
+            self._apply_update(
+                state,
+                {i: s / tf.cast(k, s.dtype) for i, s in summed.items()})
+            for accumulator in accumulators:
+                accumulator.assign(tf.zeros_like(accumulator))
+            count.assign(0)
+            return tf.constant(True)
 
-            def accumulate():
-                for i, s in summed.items():
-                    self._accumulators[i].assign(s)
-                self._accumulation_count.assign_add(1)
-                return tf.constant(False)
+        def accumulate():
+            for i, s in summed.items():
+                accumulators[i].assign(s)
+            count.assign_add(1)
+            return tf.constant(False)
 
-            tf.cond(is_apply, apply_mean, accumulate)
-        return tf.identity(self._iterations)
+        tf.cond(tf.equal(count + 1, k), apply_mean, accumulate)
+        return tf.identity(state["iterations"])
 
-    def _apply_update(self, grads):
+    def _local_state(self):
+        """This replica's copy of every variable the step touches."""
+        local = distribute.local
+        return {
+            "variables": [local(v) for v in self._untracked.tf_vars],
+            "momentums": [local(v) for v in self._momentums],
+            "velocities": [local(v) for v in self._velocities],
+            "velocity_hats": [local(v) for v in self._velocity_hats],
+            "averages": [local(v) for v in self._averages],
+            "accumulators": [local(v) for v in self._accumulators],
+            "iterations": local(self._iterations),
+            "accumulation_count": (
+                local(self._accumulation_count)
+                if self._gradient_accumulation_steps else None),
+        }
+
+    def _apply_update(self, state, grads):
         """Steps 4-8 on the (mean) gradients `grads`: {index: tensor}."""
-        u = self._untracked
         order = sorted(grads)
-        # Clip (step 4). Keras applies a clip value only when it is > 0.
+        iterations = state["iterations"]
+        # Step 4: clip. Keras applies a clip value only when it is > 0.
         if self._clipnorm is not None and self._clipnorm > 0:
             grads = {i: adamw_math.clip_by_norm(grads[i], self._clipnorm)
                      for i in order}
@@ -748,10 +889,10 @@ class AdamW(tf.Module):
             grads = {i: adamw_math.clip_by_value(grads[i], self._clipvalue)
                      for i in order}
 
-        # Hyperparameters at `iterations` (before its increment), once per
-        # compute dtype.
+        # Hyperparameters at `iterations` (before its increment), cast once
+        # per compute dtype.
         hyper = {
-            "lr": self._read(self._current_learning_rate()),
+            "lr": self._read(self._current_learning_rate(iterations)),
             "weight_decay": self._read(self._weight_decay),
             "beta_1": self._read(self._beta_1),
             "beta_2": self._read(self._beta_2),
@@ -762,67 +903,62 @@ class AdamW(tf.Module):
         def scalars_for(dtype):
             if dtype not in scalars:
                 s = {k: tf.cast(v, dtype) for k, v in hyper.items()}
-                step = tf.cast(self._iterations + 1, dtype)
+                step = tf.cast(iterations + 1, dtype)
                 s["alpha"] = adamw_math.step_size(
                     s["lr"], s["beta_1"], s["beta_2"], step)
                 s["decay"] = s["weight_decay"] * s["lr"]
                 scalars[dtype] = s
             return scalars[dtype]
 
+        variables = state["variables"]
         new_values = {}
         for i in order:
-            variable = u.tf_vars[i]
+            variable = variables[i]
             dtype = adamw_math.compute_dtype(variable.dtype)
             s = scalars_for(dtype)
-            # Weight decay (step 5) and Adam (step 6), in one expression.
+            # Steps 5 and 6: weight decay, then Adam, in one expression.
             value, m, v, v_hat = adamw_math.adamw_update(
                 tf.cast(variable, dtype),
                 grads[i],
-                self._momentums[i],
-                self._velocities[i],
-                self._velocity_hats[i] if self._amsgrad else None,
+                state["momentums"][i],
+                state["velocities"][i],
+                state["velocity_hats"][i] if self._amsgrad else None,
                 alpha=s["alpha"],
                 beta_1=s["beta_1"],
                 beta_2=s["beta_2"],
                 epsilon=s["epsilon"],
-                decay=s["decay"] if u.use_decay[i] else None,
+                decay=s["decay"] if self._untracked.use_decay[i] else None,
             )
-            self._momentums[i].assign(m)
-            self._velocities[i].assign(v)
+            state["momentums"][i].assign(m)
+            state["velocities"][i].assign(v)
             if v_hat is not None:
-                self._velocity_hats[i].assign(v_hat)
+                state["velocity_hats"][i].assign(v_hat)
             value = tf.cast(value, variable.dtype)
             variable.assign(value)
             new_values[i] = value
 
-        # EMA (step 7) over every built variable, then the periodic overwrite.
+        # Step 7: EMA of every built variable, then the periodic overwrite.
         if self._use_ema:
-            first = tf.equal(self._iterations, 0)
-            for i, variable in enumerate(u.tf_vars):
-                average = self._averages[i]
+            averages = state["averages"]
+            first = tf.equal(iterations, 0)
+            for i, variable in enumerate(variables):
                 current = new_values[i] if i in new_values else (
                     variable.read_value())
-                average.assign(adamw_math.ema_update(
-                    average, tf.cast(current, average.dtype),
+                averages[i].assign(adamw_math.ema_update(
+                    averages[i], tf.cast(current, averages[i].dtype),
                     self._ema_momentum, first))
             if self._ema_overwrite_frequency:
                 overwrite = tf.equal(
-                    (self._iterations + 1) % self._ema_overwrite_frequency, 0)
+                    (iterations + 1) % self._ema_overwrite_frequency, 0)
 
                 def overwrite_variables():
-                    self._overwrite_with_averages(range(len(u.tf_vars)))
+                    _overwrite(variables, averages)
                     return tf.constant(True)
 
                 tf.cond(overwrite, overwrite_variables,
                         lambda: tf.constant(False))
-        # Count the applied update (step 8).
-        self._iterations.assign_add(1)
-
-    def _overwrite_with_averages(self, indices):
-        u = self._untracked
-        for i in indices:
-            variable = u.tf_vars[i]
-            variable.assign(tf.cast(self._averages[i], variable.dtype))
+        # Step 8: count the applied update.
+        iterations.assign_add(1)
 
     # ------------------------------------------------------------------
     # The rest of the Keras API.
@@ -834,7 +970,11 @@ class AdamW(tf.Module):
         return loss
 
     def finalize_variable_values(self, var_list):
-        """Writes the EMA averages into `var_list` (when `use_ema`)."""
+        """Writes the EMA averages into `var_list` (when `use_ema`).
+
+        Call in a cross-replica context (outside `strategy.run`); under a
+        strategy every replica's copy is overwritten.
+        """
         if not self._use_ema:
             return
         if not self.built:
@@ -843,7 +983,26 @@ class AdamW(tf.Module):
                 "has no moving averages yet."
             )
         indices = [self._index_of(v) for v in var_list]
-        self._overwrite_with_averages(indices)
+
+        def overwrite_on_this_replica(*_):
+            _overwrite(
+                [distribute.local(self._untracked.tf_vars[i])
+                 for i in indices],
+                [distribute.local(self._averages[i]) for i in indices])
+
+        strategy = self._untracked.strategy
+        if not self._untracked.distributed:
+            overwrite_on_this_replica()
+        elif tf.distribute.has_strategy() and (
+                not tf.distribute.in_cross_replica_context()):
+            raise ValueError(
+                "Call `finalize_variable_values()` outside `strategy.run` "
+                "(in a cross-replica context): it overwrites every replica's "
+                "copy.")
+        else:
+            with strategy.scope():
+                strategy.extended.update(
+                    self._iterations, overwrite_on_this_replica)
 
     def get_config(self):
         """The optimizer's configuration, with Keras's keys.
