@@ -38,6 +38,7 @@ class _Untracked:
         self.use_decay = []  # per variable: weight decay applies
         self.step_fn = None  # the compiled step, built lazily
         self.given = {}  # hyperparameter name -> the Python float given
+        self.own = {}  # hyperparameter name -> the variable we created
         self.strategy = None  # the tf.distribute strategy of build()
         self.init_strategy = None  # the strategy of __init__
         self.distributed = False  # built under a non-default strategy
@@ -290,13 +291,14 @@ class AdamW(tf.Module):
         value = check.number(name, value, low=low, high=high,
                              high_open=high_open)
         self._untracked.given[name] = value
-        return tf.Variable(
+        self._untracked.own[name] = tf.Variable(
             value,
             dtype=tf.float32,
             trainable=False,
             name=f"{self._keras_name}/{name}",
             aggregation=tf.VariableAggregation.NONE,
         )
+        return self._untracked.own[name]
 
     @property
     def iterations(self):
@@ -309,11 +311,9 @@ class AdamW(tf.Module):
         out = [self._iterations]
         if self._gradient_accumulation_steps:
             out.append(self._accumulation_count)
-        for hyper in (self._learning_rate, self._weight_decay, self._beta_1,
-                      self._beta_2, self._epsilon):
-            if isinstance(hyper, tf.Variable) and all(
-                    hyper is not o for o in out):
-                out.append(hyper)
+        # Only the hyperparameter variables the optimizer created: a
+        # variable the user passed as a hyperparameter stays theirs.
+        out.extend(self._untracked.own.values())
         for i in range(len(self._untracked.var_list)):
             out.extend(self.slots_for(self._untracked.var_list[i]).values())
         return out
@@ -361,22 +361,16 @@ class AdamW(tf.Module):
             self._learning_rate = value
             self._untracked.step_fn = None  # the step reads a new object
             return
-        if not isinstance(self._learning_rate, tf.Variable) or (
-            self._learning_rate_is_user_variable()
-        ):
+        if self._learning_rate is not self._untracked.own.get(
+                "learning_rate"):
             raise TypeError(
-                "This optimizer was created with a LearningRateSchedule or a "
-                "callable as its `learning_rate`, hence its learning rate is "
-                "not settable to a number. Received: "
+                "This optimizer's `learning_rate` is a LearningRateSchedule, "
+                "a callable or a variable of yours, hence it is not settable "
+                "to a number. Received: "
                 f"learning_rate={value!r}"
             )
         self._assign_hyperparameter(self._learning_rate, "learning_rate",
                                     value)
-
-    def _learning_rate_is_user_variable(self):
-        return isinstance(self._learning_rate, tf.Variable) and not (
-            self._learning_rate.name.startswith(f"{self._keras_name}/")
-        )
 
     @property
     def weight_decay(self):
@@ -582,14 +576,15 @@ class AdamW(tf.Module):
         u.use_decay = [self._uses_weight_decay(v) for v in var_list]
         u.strategy = strategy
         u.distributed = tf.distribute.has_strategy()
-        # Assigning the lists tracks their elements under stable names
-        # (`_momentums/0`, ...); a checkpoint restored into the unbuilt
-        # optimizer is applied to them now (deferred restoration).
-        self._momentums = slots["momentum"]
-        self._velocities = slots["velocity"]
-        self._velocity_hats = slots["velocity_hat"]
-        self._averages = slots["average"]
-        self._accumulators = slots["accumulator"]
+        # Extending the tracked lists made in __init__ names the slots
+        # `_momentums/0`, ...; a checkpoint restored into the unbuilt
+        # optimizer is bound to those lists and fills each slot as it is
+        # appended (deferred restoration). Replacing the lists would lose it.
+        self._momentums.extend(slots["momentum"])
+        self._velocities.extend(slots["velocity"])
+        self._velocity_hats.extend(slots["velocity_hat"])
+        self._averages.extend(slots["average"])
+        self._accumulators.extend(slots["accumulator"])
         self.built = True
 
     def _index_of(self, variable):

@@ -95,7 +95,7 @@ def deserialize(config, custom_objects=None):
         namespace = keras.optimizers.schedules
         base = namespace.LearningRateSchedule
     cls = getattr(namespace, str(class_name), None)
-    if not (isinstance(cls, type) and issubclass(cls, base)):
+    if not (isinstance(cls, type) and issubclass(cls, base)) or cls is base:
         raise ValueError(
             f"Unknown learning-rate schedule class_name={class_name!r} "
             f"(module={module!r}) in the config's `learning_rate`. Built-in "
