@@ -19,8 +19,9 @@ from numpy_reference import NumpyAdamW
 from tf_adamw import AdamW
 
 # Keys our config may have beyond Keras's AdamW config (SPEC: `jit_compile`
-# is ours). Anything else is a difference from Keras.
-ALLOWED_EXTRA_KEYS = {"jit_compile"}
+# is ours; `skip_nonfinite_gradients` is the state issue's option). Anything
+# else is a difference from Keras.
+ALLOWED_EXTRA_KEYS = {"jit_compile", "skip_nonfinite_gradients"}
 
 K3 = keras.optimizers.schedules
 TK = tf_keras.optimizers.schedules

@@ -135,7 +135,11 @@ class AdamW(tf.Module):
             the calls in between only accumulate (variables, slots, EMA,
             learning-rate schedule and `iterations` do not move).
         **kwargs: `jit_compile` (bool, default True): compile the step with
-            XLA; set False to debug. `decay` is accepted with a warning and
+            XLA; set False to debug. `skip_nonfinite_gradients` (bool,
+            default False, Keras's behaviour): when True, a call whose
+            (cross-replica summed) gradients contain NaN or Inf changes no
+            variable, slot, EMA average, accumulator or counter except
+            `skipped_steps`. `decay` is accepted with a warning and
             ignored (Keras compatibility). Any other key is an error.
     """
 
@@ -174,9 +178,12 @@ class AdamW(tf.Module):
                 "Argument `decay` is no longer supported and will be ignored."
             )
         jit_compile = kwargs.pop("jit_compile", True)
+        skip_nonfinite = kwargs.pop("skip_nonfinite_gradients", False)
         if kwargs:
             raise ValueError(f"Argument(s) not recognized: {kwargs}")
         self._jit_compile = check.boolean("jit_compile", jit_compile)
+        self._skip_nonfinite = check.boolean(
+            "skip_nonfinite_gradients", skip_nonfinite)
 
         # Validation, at construction: every message names the argument.
         if weight_decay is None:
@@ -233,6 +240,8 @@ class AdamW(tf.Module):
                 self._accumulation_count = self._counter(
                     "accumulation_count"
                 )
+            if self._skip_nonfinite:
+                self._skipped_steps = self._counter("skipped_steps")
             self._learning_rate = self._hyperparameter(
                 "learning_rate", learning_rate, schedule_ok=True
             )
@@ -311,6 +320,8 @@ class AdamW(tf.Module):
         out = [self._iterations]
         if self._gradient_accumulation_steps:
             out.append(self._accumulation_count)
+        if self._skip_nonfinite:
+            out.append(self._skipped_steps)
         # Only the hyperparameter variables the optimizer created: a
         # variable the user passed as a hyperparameter stays theirs.
         out.extend(self._untracked.own.values())
@@ -415,6 +426,21 @@ class AdamW(tf.Module):
     gradient_accumulation_steps = property(
         lambda self: self._gradient_accumulation_steps)
     jit_compile = property(lambda self: self._jit_compile)
+    skip_nonfinite_gradients = property(lambda self: self._skip_nonfinite)
+
+    @property
+    def skipped_steps(self):
+        """Calls skipped for non-finite gradients (an int64 variable).
+
+        Raises:
+            AttributeError: the optimizer was built without
+                `skip_nonfinite_gradients=True`.
+        """
+        if not self._skip_nonfinite:
+            raise AttributeError(
+                "`skipped_steps` exists only with "
+                "`skip_nonfinite_gradients=True`.")
+        return self._skipped_steps
 
     def _current_learning_rate(self, iterations=None):
         lr = self._learning_rate
@@ -823,10 +849,32 @@ class AdamW(tf.Module):
                 g = g / tf.cast(self._loss_scale_factor, dtype)
             dense[i] = g
 
+        if not self._skip_nonfinite:
+            self._accumulate_or_apply(state, dense)
+            return tf.identity(state["iterations"])
+        # Ours: a call whose gradients hold NaN or Inf changes nothing but
+        # the skip counter. The gradients were summed across replicas
+        # before this point, so every replica takes the same branch.
+        finite = tf.reduce_all(tf.stack(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in dense.values()]))
+
+        def apply():
+            self._accumulate_or_apply(state, dense)
+            return tf.constant(True)
+
+        def skip():
+            state["skipped_steps"].assign_add(1)
+            return tf.constant(False)
+
+        tf.cond(finite, apply, skip)
+        return tf.identity(state["iterations"])
+
+    def _accumulate_or_apply(self, state, dense):
+        """Step 3, then (on applying calls) steps 4-8."""
         k = self._gradient_accumulation_steps
         if not k:
             self._apply_update(state, dense)
-            return tf.identity(state["iterations"])
+            return
         # Step 3: accumulate. Every k-th call applies the mean of the k
         # gradients; the calls in between only add (a tf.cond, so those
         # calls skip the update's memory traffic).
@@ -850,7 +898,6 @@ class AdamW(tf.Module):
             return tf.constant(False)
 
         tf.cond(tf.equal(count + 1, k), apply_mean, accumulate)
-        return tf.identity(state["iterations"])
 
     def _local_state(self):
         """This replica's copy of every variable the step touches."""
@@ -866,6 +913,8 @@ class AdamW(tf.Module):
             "accumulation_count": (
                 local(self._accumulation_count)
                 if self._gradient_accumulation_steps else None),
+            "skipped_steps": (
+                local(self._skipped_steps) if self._skip_nonfinite else None),
         }
 
     def _apply_update(self, state, grads):
@@ -1025,6 +1074,7 @@ class AdamW(tf.Module):
             "epsilon": self._config_value("epsilon", self._epsilon),
             "amsgrad": self._amsgrad,
             "jit_compile": self._jit_compile,
+            "skip_nonfinite_gradients": self._skip_nonfinite,
         }
         return config
 
