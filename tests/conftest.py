@@ -22,10 +22,25 @@ tf.config.set_logical_device_configuration(
 CPU_DEVICES = [f"/cpu:{i}" for i in range(NUM_REPLICAS)]
 
 
+def make_mirrored_strategy(merge_call=True):
+    """A MirroredStrategy over the 4 logical CPUs with its own collective keys.
+
+    Strategies over the same devices otherwise share collective group and
+    instance keys, and collectives of one get matched with another's
+    ("Shape mismatch in the collective instance"); TF's own tests bump the
+    key base the same way (strategy_combinations.py).
+    """
+    tf.distribute.MirroredStrategy._collective_key_base += 100000  # pylint: disable=protected-access
+    strategy = tf.distribute.MirroredStrategy(CPU_DEVICES)
+    if not merge_call:
+        strategy.extended._use_merge_call = lambda: False  # pylint: disable=protected-access
+    return strategy
+
+
 @pytest.fixture(scope="session")
 def mirrored_strategy():
     """MirroredStrategy over 4 logical CPUs (merge calls enabled)."""
-    return tf.distribute.MirroredStrategy(CPU_DEVICES)
+    return make_mirrored_strategy()
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +50,4 @@ def tpu_like_strategy():
     TF's own tests emulate TPUStrategy's no-merge-call replica context this
     way.
     """
-    strategy = tf.distribute.MirroredStrategy(CPU_DEVICES)
-    strategy.extended._use_merge_call = lambda: False  # pylint: disable=protected-access
-    return strategy
+    return make_mirrored_strategy(merge_call=False)

@@ -98,7 +98,9 @@ class NumpyAdamW:
         if self.loss_scale_factor is not None:
             g = {i: x / self.loss_scale_factor for i, x in g.items()}
 
-        # Step 3: accumulate; every k-th call continues with the mean.
+        # Step 3: accumulate; every k-th call continues with the mean. That
+        # call updates the variables with a gradient in it, and resets every
+        # accumulator (tf_adamw's and Keras's behaviour; SPEC is silent).
         k = self.gradient_accumulation_steps
         if k:
             for i, x in g.items():

@@ -450,12 +450,27 @@ class AdamW(tf.Module):
             return lr
         return lr()
 
-    @staticmethod
-    def _read(hyper):
-        """The value of a hyperparameter variable, callable or tensor."""
-        if callable(hyper) and not isinstance(hyper, tf.Variable):
-            hyper = hyper()
-        return tf.convert_to_tensor(hyper)
+    def _external_hyperparameters(self):
+        """Callables and user variables given as hyperparameters, read now.
+
+        They are read in the caller's context on every call and passed into
+        the compiled step as tensors: a callable that returns a Python float
+        would otherwise be frozen into the trace. (Inside the caller's own
+        `tf.function` they are read when that function is traced, as with
+        Keras.) Schedules are evaluated inside the step, at `iterations`.
+        """
+        out = {}
+        for name, hyper in (("lr", self._learning_rate),
+                            ("beta_1", self._beta_1),
+                            ("beta_2", self._beta_2),
+                            ("epsilon", self._epsilon)):
+            if schedules.is_schedule(hyper) or any(
+                    hyper is own for own in self._untracked.own.values()):
+                continue
+            value = hyper() if callable(hyper) and not isinstance(
+                hyper, tf.Variable) else hyper
+            out[name] = tf.cast(tf.convert_to_tensor(value), tf.float32)
+        return out
 
     # ------------------------------------------------------------------
     # Building.
@@ -776,8 +791,9 @@ class AdamW(tf.Module):
                 "optimizer under `strategy.scope()` of the strategy that runs "
                 "the step."
             )
+        external = self._external_hyperparameters()
         if not tf.distribute.has_strategy():
-            self._compiled_step()(grads)
+            self._compiled_step()(grads, external)
             return self._iterations
         indices = [i for i, g in enumerate(grads) if g is not None]
         present = []
@@ -790,11 +806,11 @@ class AdamW(tf.Module):
                             adamw_math.compute_dtype(variable.dtype))
             present.append(g)
 
-        def run_on_this_replica(_, present_grads):
+        def run_on_this_replica(_, present_grads, external):
             full = [None] * len(grads)
             for i, g in zip(indices, present_grads):
                 full[i] = g
-            return self._compiled_step()(full)
+            return self._compiled_step()(full, external)
 
         if tf.distribute.in_cross_replica_context():
             if any(distribute.is_distributed(g) for g in present):
@@ -802,19 +818,20 @@ class AdamW(tf.Module):
                     tf.distribute.ReduceOp.SUM,
                     [(g, u.tf_vars[i]) for i, g in zip(indices, present)])
             strategy.extended.update(
-                self._iterations, run_on_this_replica, args=(present,))
+                self._iterations, run_on_this_replica,
+                args=(present, external))
             return self._iterations
         if aggregate:
             present = distribute.all_reduce_sum(
                 tf.distribute.get_replica_context(), present)
 
-        def update_every_replica(strategy, present_grads):
+        def update_every_replica(strategy, present_grads, external):
             return strategy.extended.update(
                 self._iterations, run_on_this_replica,
-                args=(present_grads,), group=False)
+                args=(present_grads, external), group=False)
 
         tf.__internal__.distribute.interim.maybe_merge_call(
-            update_every_replica, strategy, present)
+            update_every_replica, strategy, present, external)
         return self._iterations
 
     def _compiled_step(self):
@@ -826,7 +843,7 @@ class AdamW(tf.Module):
             )
         return self._untracked.step_fn
 
-    def _update_step(self, grads):
+    def _update_step(self, grads, external):
         """The whole step for all variables, traced once per grad structure.
 
         Runs on one replica (or the only device) against that replica's own
@@ -835,8 +852,10 @@ class AdamW(tf.Module):
         Args:
             grads: list aligned with the built variables; None where a
                 variable has no gradient this step.
+            external: `_external_hyperparameters()` of this call.
         """
         state = self._local_state()
+        state["external"] = external
         dense = {}
         for i, g in enumerate(grads):
             if g is None:
@@ -935,13 +954,16 @@ class AdamW(tf.Module):
 
         # Hyperparameters at `iterations` (before its increment), cast once
         # per compute dtype.
+        external = state["external"]
+        local = distribute.local
         hyper = {
-            "lr": self._read(self._current_learning_rate(iterations)),
-            "weight_decay": self._read(self._weight_decay),
-            "beta_1": self._read(self._beta_1),
-            "beta_2": self._read(self._beta_2),
-            "epsilon": self._read(self._epsilon),
+            "lr": external["lr"] if "lr" in external else tf.convert_to_tensor(
+                local(self._current_learning_rate(iterations))),
+            "weight_decay": tf.convert_to_tensor(local(self._weight_decay)),
         }
+        for name in ("beta_1", "beta_2", "epsilon"):
+            hyper[name] = external[name] if name in external else (
+                tf.convert_to_tensor(local(getattr(self, "_" + name))))
         scalars = {}
 
         def scalars_for(dtype):
