@@ -88,8 +88,8 @@ def adamw_update(
     velocity_hat,
     *,
     alpha,
-    beta_1,
-    beta_2,
+    one_minus_beta_1,
+    one_minus_beta_2,
     epsilon,
     decay,
 ):
@@ -101,7 +101,9 @@ def adamw_update(
         momentum, velocity: the first and second moment estimates.
         velocity_hat: AMSGrad's running maximum of `velocity`, or None.
         alpha: `step_size(...)` for this step.
-        beta_1, beta_2, epsilon: scalars.
+        one_minus_beta_1, one_minus_beta_2: `1 - beta`, computed once per
+            step rather than once per variable.
+        epsilon: scalar.
         decay: `weight_decay * learning_rate`, or None when this variable is
             excluded from weight decay.
 
@@ -113,8 +115,8 @@ def adamw_update(
         # Decoupled weight decay, applied before the Adam step (Keras order:
         # `variable - variable * weight_decay * learning_rate`).
         variable = variable - variable * decay
-    momentum = momentum + (grad - momentum) * (1 - beta_1)
-    velocity = velocity + (tf.square(grad) - velocity) * (1 - beta_2)
+    momentum = momentum + (grad - momentum) * one_minus_beta_1
+    velocity = velocity + (tf.square(grad) - velocity) * one_minus_beta_2
     denominator_velocity = velocity
     if velocity_hat is not None:
         velocity_hat = tf.maximum(velocity_hat, velocity)
