@@ -2,9 +2,28 @@
 
 Public API:
     AdamW: the optimizer.
+    ema_weights: context manager swapping the EMA averages in.
+    export_training_model / export_serving_model: SavedModel exports.
+    restore_training_variables: a training SavedModel into a module rebuilt
+        under a strategy.
+    restore_latest_good: restore the newest intact checkpoint.
 """
 
 from tf_adamw.optimizer import AdamW
+from tf_adamw.export import (
+    ema_weights,
+    export_serving_model,
+    export_training_model,
+    restore_latest_good,
+    restore_training_variables,
+)
 
-__all__ = ["AdamW"]
+__all__ = [
+    "AdamW",
+    "ema_weights",
+    "export_serving_model",
+    "export_training_model",
+    "restore_latest_good",
+    "restore_training_variables",
+]
 __version__ = "0.1.0"
