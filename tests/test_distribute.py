@@ -177,11 +177,13 @@ def _assert_matches(history, reference, case):
                         "device")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_mirrored_equals_one_device(case, mirrored_strategy):
     _assert_matches(_run(case, mirrored_strategy), _single_device(case), case)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_tpu_like_no_merge_call_equals_one_device(case, tpu_like_strategy):
     _assert_matches(_run(case, tpu_like_strategy), _single_device(case), case)

@@ -27,6 +27,10 @@ import tensorflow as tf
 from numpy_reference import NumpyAdamW
 from tf_adamw import AdamW
 
+# Many XLA compilations: `make test` runs these; the Bazel fast subset
+# (`-m "not slow"`) leaves them out.
+pytestmark = pytest.mark.slow
+
 MODES = ["eager", "function", "jit"]
 RTOL, ATOL = 1e-5, 1e-6
 NAMES = ["dense/kernel", "dense/bias", "embedding", "norm/scale"]
