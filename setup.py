@@ -16,6 +16,9 @@ setuptools.setup(
     install_requires=[
         "tensorflow==2.21.0",
         "absl-py",
+        # The trainer (python -m tf_adamw.train): configs and the loss curve.
+        "pyyaml",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest"],
