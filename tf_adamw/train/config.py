@@ -1,0 +1,427 @@
+"""The trainer's configuration: schema, YAML loading, overrides, validation.
+
+A config has three sections, as in the TF Model Garden: `runtime` (where and
+how to run: strategy, devices, precision), `task` (what to learn: data, model,
+optimizer) and `trainer` (how long, how often to log and checkpoint). Every
+key has a default; a YAML file (read with `yaml.safe_load`) and then
+`--params_override` change some of them, and explicit flags such as
+`--model_dir` win over both.
+
+Errors are `ConfigError`s naming the key (dotted) and where its value came
+from (the file, or `--params_override`): an unknown key, a wrong type, or a
+value out of range.
+"""
+
+import dataclasses
+import os
+import re
+import typing
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names key and source."""
+
+
+STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored", "tpu")
+PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """Where the job runs."""
+    # one_device | mirrored | multi_worker_mirrored | tpu
+    distribution_strategy: str = "one_device"
+    # Logical CPU devices to create before TensorFlow starts (mirrored on a
+    # CPU-only machine); 1 leaves the devices alone.
+    num_cpus: int = 1
+    # float32 | bfloat16 (bfloat16 compute, float32 variables and slots).
+    mixed_precision_dtype: str = "float32"
+    # TPU name for TPUClusterResolver: "local" on a TPU VM, the TPU (pod) name
+    # from a client VM or for a multi-host pod slice, or a grpc:// address.
+    # Empty: the --tpu flag, else the TPU_NAME environment variable.
+    tpu: str = ""
+    tpu_zone: str = ""
+    gcp_project: str = ""
+    # Multi-worker: "host:port,host:port,..." builds TF_CONFIG for this
+    # process; empty means TF_CONFIG comes from the environment.
+    worker_hosts: str = ""
+    task_index: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """The synthetic character corpus and the batches drawn from it."""
+    corpus_chars: int = 200_000
+    eval_corpus_chars: int = 20_000
+    seq_len: int = 64
+    global_batch_size: int = 32
+    eval_batches: int = 4
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The transformer language model."""
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 4
+    mlp_ratio: int = 4
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """tf_adamw.AdamW and its warmup + cosine learning-rate schedule."""
+    learning_rate: float = 3e-3  # peak, reached after warmup_steps
+    warmup_steps: int = 40
+    # The cosine decay ends at learning_rate * end_learning_rate_ratio.
+    end_learning_rate_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta_1: float = 0.9
+    beta_2: float = 0.98
+    epsilon: float = 1e-8
+    global_clipnorm: float = 1.0  # 0 turns clipping off
+    use_ema: bool = True
+    ema_momentum: float = 0.99
+    # 1 = off; k >= 2 applies one update per k micro-batches.
+    gradient_accumulation_steps: int = 1
+    # Regexes matched against variable names: no weight decay for these.
+    exclude_from_weight_decay: typing.List[str] = dataclasses.field(
+        default_factory=lambda: ["/bias", "/scale"])
+    skip_nonfinite_gradients: bool = False
+    # Compile the optimizer step with XLA (tf_adamw's default).
+    jit_compile: bool = True
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """What is learned."""
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=OptimizerConfig)
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """How long, and how often to log, checkpoint and export."""
+    train_steps: int = 600  # optimizer updates
+    steps_per_loop: int = 25  # updates per tf.function call
+    log_every_n_steps: int = 50  # a multiple of steps_per_loop
+    checkpoint_every_n_steps: int = 200  # a multiple of steps_per_loop
+    max_to_keep: int = 3
+    # Empty: the --model_dir flag, else runs/<config file name>.
+    model_dir: str = ""
+    export_saved_models: bool = True
+    loss_curve: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+
+
+# ---------------------------------------------------------------------------
+# Merging YAML data into the dataclasses, with type checks.
+
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _type_name(value):
+    return type(value).__name__
+
+
+def _check_type(key, value, annotation, source):
+    """`value` as the type `annotation`, or a ConfigError."""
+    def fail(expected):
+        raise ConfigError(
+            f"{source}: key `{key}` must be {expected}; got {value!r} "
+            f"({_type_name(value)}).")
+
+    if annotation is bool:
+        if not isinstance(value, bool):
+            fail("a boolean (true/false)")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool):
+            fail("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        # YAML 1.1 reads `3e-3` (no dot) as a string; accept that spelling.
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            return float(value)
+        fail("a number")
+    if annotation is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    if typing.get_origin(annotation) in (list, typing.List):
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            fail(f"a list of {item_type.__name__}")
+        return [_check_type(f"{key}[{i}]", v, item_type, source)
+                for i, v in enumerate(value)]
+    raise TypeError(f"unsupported annotation {annotation!r}")  # a bug here
+
+
+def _merge(target, data, source, prefix, sources):
+    """Writes `data` (a dict from YAML) into dataclass `target` in place."""
+    if not isinstance(data, dict):
+        where = f"section `{prefix[:-1]}`" if prefix else "the top level"
+        raise ConfigError(
+            f"{source}: {where} must be a mapping of keys to values; got "
+            f"{data!r} ({_type_name(data)}).")
+    hints = typing.get_type_hints(type(target))
+    fields = {f.name for f in dataclasses.fields(target)}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(
+                f"{source}: unknown key `{key}`. Known keys"
+                f"{' in `' + prefix[:-1] + '`' if prefix else ''}: {known}.")
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            if value is None:
+                continue  # an empty section in YAML
+            _merge(getattr(target, name), value, source, key + ".", sources)
+        else:
+            setattr(target, name, _check_type(key, value, annotation, source))
+            sources[key] = source
+
+
+def _load_yaml_file(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return {} if data is None else data
+
+
+def _split_top_level(text, sep=","):
+    """Splits on `sep` outside brackets and quotes."""
+    parts, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p for p in (p.strip() for p in parts) if p]
+
+
+def parse_override(text):
+    """`--params_override` text to a nested dict.
+
+    Accepts a dotted list (`trainer.train_steps=20,runtime.num_cpus=4`,
+    values read as YAML: `task.optimizer.exclude_from_weight_decay=[bias]`;
+    a comma not followed by `key=` belongs to the value, as in
+    `runtime.worker_hosts=h1:2222,h2:2222`),
+    a YAML/JSON mapping (`{trainer: {train_steps: 20}}` or
+    `"trainer:\\n  train_steps: 20"`), or the path of a YAML file.
+    """
+    text = text.strip()
+    if not text:
+        return {}
+    if text.endswith((".yaml", ".yml")) and os.path.isfile(text):
+        return _load_yaml_file(text)
+    if "=" in text and not text.startswith("{"):
+        out = {}
+        items = []
+        for item in _split_top_level(text):
+            key = item.split("=", 1)[0].strip()
+            if "=" in item and re.fullmatch(r"[A-Za-z_][\w.]*", key):
+                items.append(item)
+            elif items:
+                # `runtime.worker_hosts=h1:1,h2:2`: a comma inside a value.
+                items[-1] += "," + item
+            else:
+                raise ConfigError(
+                    f"--params_override: `{item}` is not of the form "
+                    "key.subkey=value.")
+        for item in items:
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+                raise ConfigError(
+                    f"--params_override: `{key}` is not a dotted key.")
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(
+                    f"--params_override: the value of `{key}` is not valid "
+                    f"YAML: {e}") from e
+            node = out
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(
+                        f"--params_override: `{key}` conflicts with another "
+                        "override.")
+            node[parts[-1]] = value
+        return out
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--params_override: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(
+            "--params_override must be key=value pairs, a YAML mapping or a "
+            f"YAML file; got {text!r}.")
+    return data
+
+
+def _validate(config, sources):
+    """Range and consistency checks; errors name the key and its source."""
+    def fail(key, message):
+        source = sources.get(key, "the defaults")
+        raise ConfigError(f"{source}: key `{key}` {message}")
+
+    def positive(key, value):
+        if value <= 0:
+            fail(key, f"must be > 0; got {value!r}.")
+
+    r, t, d, m, o = (config.runtime, config.trainer, config.task.data,
+                     config.task.model, config.task.optimizer)
+    if r.distribution_strategy not in STRATEGIES:
+        fail("runtime.distribution_strategy",
+             f"must be one of {', '.join(STRATEGIES)}; got "
+             f"{r.distribution_strategy!r}.")
+    if r.mixed_precision_dtype not in PRECISIONS:
+        fail("runtime.mixed_precision_dtype",
+             f"must be one of {', '.join(PRECISIONS)}; got "
+             f"{r.mixed_precision_dtype!r}.")
+    positive("runtime.num_cpus", r.num_cpus)
+    if r.task_index < 0:
+        fail("runtime.task_index", f"must be >= 0; got {r.task_index}.")
+    if r.worker_hosts:
+        hosts = [h.strip() for h in r.worker_hosts.split(",")]
+        for host in hosts:
+            if not re.fullmatch(r"[^\s:,]+:\d+", host):
+                fail("runtime.worker_hosts",
+                     f"must be comma-separated host:port; got {host!r}.")
+        if r.task_index >= len(hosts):
+            fail("runtime.task_index",
+                 f"is {r.task_index} but runtime.worker_hosts lists "
+                 f"{len(hosts)} workers.")
+    for key, value in (("task.data.corpus_chars", d.corpus_chars),
+                       ("task.data.eval_corpus_chars", d.eval_corpus_chars),
+                       ("task.data.seq_len", d.seq_len),
+                       ("task.data.global_batch_size", d.global_batch_size),
+                       ("task.data.eval_batches", d.eval_batches),
+                       ("task.model.num_layers", m.num_layers),
+                       ("task.model.d_model", m.d_model),
+                       ("task.model.num_heads", m.num_heads),
+                       ("task.model.mlp_ratio", m.mlp_ratio),
+                       ("task.optimizer.learning_rate", o.learning_rate),
+                       ("task.optimizer.gradient_accumulation_steps",
+                        o.gradient_accumulation_steps),
+                       ("trainer.train_steps", t.train_steps),
+                       ("trainer.steps_per_loop", t.steps_per_loop),
+                       ("trainer.log_every_n_steps", t.log_every_n_steps),
+                       ("trainer.checkpoint_every_n_steps",
+                        t.checkpoint_every_n_steps),
+                       ("trainer.max_to_keep", t.max_to_keep)):
+        positive(key, value)
+    for key in ("corpus_chars", "eval_corpus_chars"):
+        if getattr(d, key) < 2 * (d.seq_len + 1):
+            fail(f"task.data.{key}", f"must be at least 2 * (seq_len + 1) = "
+                 f"{2 * (d.seq_len + 1)}; got {getattr(d, key)}.")
+    if m.d_model % m.num_heads:
+        fail("task.model.num_heads", f"must divide task.model.d_model = "
+             f"{m.d_model}; got {m.num_heads}.")
+    if o.warmup_steps < 0:
+        fail("task.optimizer.warmup_steps", f"must be >= 0; got "
+             f"{o.warmup_steps}.")
+    if o.warmup_steps >= t.train_steps:
+        fail("task.optimizer.warmup_steps", f"must be < trainer.train_steps "
+             f"= {t.train_steps}; got {o.warmup_steps}.")
+    if not 0.0 <= o.end_learning_rate_ratio <= 1.0:
+        fail("task.optimizer.end_learning_rate_ratio",
+             f"must be in [0, 1]; got {o.end_learning_rate_ratio}.")
+    for key in ("weight_decay", "epsilon", "global_clipnorm"):
+        if getattr(o, key) < 0:
+            fail(f"task.optimizer.{key}", f"must be >= 0; got "
+                 f"{getattr(o, key)}.")
+    for key in ("beta_1", "beta_2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            fail(f"task.optimizer.{key}", f"must be in [0, 1); got "
+                 f"{getattr(o, key)}.")
+    if not 0.0 <= o.ema_momentum <= 1.0:
+        fail("task.optimizer.ema_momentum", f"must be in [0, 1]; got "
+             f"{o.ema_momentum}.")
+    for i, pattern in enumerate(o.exclude_from_weight_decay):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            fail("task.optimizer.exclude_from_weight_decay",
+                 f"item {i} ({pattern!r}) is not a valid regular expression: "
+                 f"{e}.")
+    for key in ("log_every_n_steps", "checkpoint_every_n_steps"):
+        if getattr(t, key) % t.steps_per_loop:
+            fail(f"trainer.{key}", f"must be a multiple of "
+                 f"trainer.steps_per_loop = {t.steps_per_loop}; got "
+                 f"{getattr(t, key)}.")
+
+
+def load(config_files=(), params_override="", model_dir=None, tpu=None):
+    """Builds and validates a `Config`.
+
+    Args:
+        config_files: YAML files, applied in order (later ones win).
+        params_override: `--params_override` text (see `parse_override`).
+        model_dir: the `--model_dir` flag (wins over `trainer.model_dir`).
+        tpu: the `--tpu` flag (wins over `runtime.tpu`).
+
+    Raises:
+        ConfigError: naming the key and the file (or flag) it came from.
+    """
+    if isinstance(config_files, (str, os.PathLike)):
+        config_files = [config_files]
+    config = Config()
+    sources = {}
+    for path in config_files:
+        _merge(config, _load_yaml_file(path), os.fspath(path), "", sources)
+    if params_override:
+        _merge(config, parse_override(params_override), "--params_override",
+               "", sources)
+    if model_dir:
+        config.trainer.model_dir = model_dir
+        sources["trainer.model_dir"] = "--model_dir"
+    if tpu:
+        config.runtime.tpu = tpu
+        sources["runtime.tpu"] = "--tpu"
+    if not config.trainer.model_dir:
+        name = (os.path.splitext(os.path.basename(config_files[-1]))[0]
+                if config_files else "default")
+        config.trainer.model_dir = os.path.join("runs", name)
+    _validate(config, sources)
+    return config
+
+
+def to_dict(config):
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config):
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

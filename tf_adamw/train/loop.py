@@ -1,0 +1,356 @@
+"""The custom training loop.
+
+    setup_devices -> strategy -> model + AdamW under strategy.scope()
+    -> restore the newest good checkpoint -> distributed dataset from the
+    restored step -> repeat { one tf.function call = steps_per_loop updates }
+    -> log / TensorBoard / checkpoint -> export SavedModels, loss curve.
+
+One optimizer update is `gradient_accumulation_steps` micro-batches of
+`global_batch_size` sequences. In each micro-step every replica computes the
+gradient of its share of the loss (scaled by 1 / global batch), the replica
+function sums the gradients across replicas once (`all_reduce`), takes the
+global norm of that sum for the logs, and hands the summed gradients to
+`tf_adamw.AdamW` with `skip_gradients_aggregation=True` (so it does not sum
+them again). Nothing is all-reduced inside a `tf.cond`.
+"""
+
+import dataclasses
+import gc
+import os
+import shutil
+import time
+
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+import tf_adamw
+from tf_adamw.train import artifacts
+from tf_adamw.train import config as config_lib
+from tf_adamw.train import data as data_lib
+from tf_adamw.train import model as model_lib
+from tf_adamw.train import runtime as runtime_lib
+from tf_adamw.train import schedule as schedule_lib
+
+
+def _scalar_summary(name, value, step):
+    """A TensorBoard scalar, written with TF core ops only.
+
+    `tf.summary.scalar` lives in the `tensorboard` package, which TF 2.21 no
+    longer installs; this writes the same record (plugin "scalars") with
+    `tf.summary.write`, so TensorBoard shows it without the trainer needing
+    TensorBoard installed.
+    """
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(
+            plugin_name="scalars"))
+    tf.summary.write(name, tf.constant(value, tf.float32), step=step,
+                     metadata=metadata)
+
+
+def _say(message):
+    print(message, flush=True)
+
+
+def _duration(seconds):
+    seconds = int(round(max(seconds, 0)))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s"
+
+
+@dataclasses.dataclass
+class Result:
+    """What `train` reports back (also used by the tests)."""
+    start_step: int
+    final_step: int
+    history: list  # rows logged by this call: step, loss, lr, grad_norm, ...
+    model_dir: str
+    checkpoint: str
+    exports: dict
+    wall_seconds: float
+
+
+class Run:
+    """A configured run: builders for the model, optimizer and data."""
+
+    def __init__(self, config):
+        self.config = config
+        task = config.task
+        self.compute_dtype = tf.as_dtype(
+            config.runtime.mixed_precision_dtype)
+        self.corpus = data_lib.encode(data_lib.make_corpus(
+            task.data.corpus_chars, task.seed))
+        eval_corpus = data_lib.encode(data_lib.make_corpus(
+            task.data.eval_corpus_chars, task.seed + 1_000_003))
+        self.eval_data = data_lib.eval_batches(
+            eval_corpus, seed=task.seed + 7, batch_size=min(
+                task.data.global_batch_size, 64),
+            seq_len=task.data.seq_len, num_batches=task.data.eval_batches)
+
+    def make_model(self):
+        m = self.config.task.model
+        return model_lib.TransformerLM(
+            vocab_size=data_lib.VOCAB_SIZE, seq_len=self.config.task.data.
+            seq_len, d_model=m.d_model, num_layers=m.num_layers,
+            num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+            seed=self.config.task.seed)
+
+    def make_schedule(self):
+        o = self.config.task.optimizer
+        return schedule_lib.WarmupCosineDecay(
+            o.learning_rate, o.warmup_steps, self.config.trainer.train_steps,
+            alpha=o.end_learning_rate_ratio)
+
+    def make_optimizer(self):
+        o = self.config.task.optimizer
+        kwargs = {"jit_compile": o.jit_compile}
+        if o.skip_nonfinite_gradients:
+            kwargs["skip_nonfinite_gradients"] = True
+        optimizer = tf_adamw.AdamW(
+            learning_rate=self.make_schedule(),
+            weight_decay=o.weight_decay,
+            beta_1=o.beta_1,
+            beta_2=o.beta_2,
+            epsilon=o.epsilon,
+            global_clipnorm=o.global_clipnorm or None,
+            use_ema=o.use_ema,
+            ema_momentum=o.ema_momentum,
+            gradient_accumulation_steps=(
+                o.gradient_accumulation_steps
+                if o.gradient_accumulation_steps > 1 else None),
+            **kwargs)
+        if o.exclude_from_weight_decay:
+            optimizer.exclude_from_weight_decay(
+                var_names=list(o.exclude_from_weight_decay))
+        return optimizer
+
+
+def _input_options(strategy):
+    """`experimental_distribute_dataset` options for `strategy`.
+
+    Replicas on CPUs (mirrored over logical CPUs, multi-worker on CPU hosts)
+    get no per-replica prefetch buffer: their batches are in host memory
+    already, and with the buffer TF 2.21 built per-device pipelines whose
+    tf.data autotuning thread made deleting the iterator at the end of a run
+    block for 7-170 s (it sleeps out its period instead of waking on
+    cancellation). Accelerators (TPU) keep TF's defaults.
+    """
+    if strategy is tf.distribute.get_strategy() and (
+            not tf.distribute.has_strategy()):
+        return None  # the default strategy: a plain iterator
+    devices = list(strategy.extended.worker_devices)
+    if all("CPU" in d.upper().rsplit("/", 1)[-1] for d in devices):
+        return tf.distribute.InputOptions(
+            experimental_per_replica_buffer_size=0)
+    return None
+
+
+def make_train_loop(strategy, model, optimizer, config, compute_dtype):
+    """A tf.function running `num_micro_steps` micro-steps from `iterator`.
+
+    Returns (sum of the global mean losses, sum of the gradient norms) over
+    the micro-steps. Written without AutoGraph (an explicit `tf.while_loop`)
+    so that tracing does not convert the optimizer's Python code.
+    """
+    data = config.task.data
+    scale = 1.0 / float(data.global_batch_size * data.seq_len)
+    params = model.params
+
+    def replica_step(inputs, targets):
+        with tf.GradientTape() as tape:
+            loss = model_lib.token_loss_sum(
+                model, inputs, targets, compute_dtype) * scale
+        grads = tape.gradient(loss, params)
+        # One all-reduce of the gradients; the norm of the sum is what the
+        # optimizer clips, and is identical on every replica.
+        grads = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, grads)
+        grad_norm = tf.linalg.global_norm(grads)
+        optimizer.apply_gradients(zip(grads, params),
+                                  skip_gradients_aggregation=True)
+        return loss, grad_norm
+
+    @tf.function(autograph=False)
+    def train_loop(iterator, num_micro_steps):
+        def body(i, loss_total, norm_total):
+            inputs, targets = iterator.get_next()
+            loss, grad_norm = strategy.run(replica_step,
+                                           args=(inputs, targets))
+            loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss,
+                                   axis=None)
+            grad_norm = strategy.reduce(tf.distribute.ReduceOp.MEAN,
+                                        grad_norm, axis=None)
+            return i + 1, loss_total + loss, norm_total + grad_norm
+
+        _, loss_total, norm_total = tf.while_loop(
+            lambda i, *_: i < num_micro_steps, body,
+            (tf.constant(0), tf.constant(0.0), tf.constant(0.0)))
+        return loss_total, norm_total
+
+    return train_loop
+
+
+def train(config, hooks=()):
+    """Runs (or resumes) the training job described by `config`.
+
+    Args:
+        config: a validated `config.Config`.
+        hooks: callables `hook(step)` run after each loop call (after
+            logging and checkpointing); an exception stops the run there,
+            e.g. to simulate a preemption in tests.
+
+    Returns:
+        A `Result`.
+    """
+    started = time.time()
+    rt, tr = config.runtime, config.trainer
+    cpu_devices = runtime_lib.setup_devices(rt)
+    strategy = runtime_lib.create_strategy(rt, cpu_devices)
+    replicas = strategy.num_replicas_in_sync
+    batch = config.task.data.global_batch_size
+    if batch % replicas:
+        raise config_lib.ConfigError(
+            f"key `task.data.global_batch_size` ({batch}) must be divisible "
+            f"by the number of replicas ({replicas}, "
+            f"{type(strategy).__name__}).")
+    chief = runtime_lib.is_chief(strategy)
+    task_id = runtime_lib.task_id(strategy)
+    say = _say if chief else (lambda m: _say(f"[worker {task_id}] {m}"))
+    model_dir = tr.model_dir
+    tf.io.gfile.makedirs(model_dir)
+    if chief:
+        with open(os.path.join(model_dir, "config.yaml"), "w",
+                  encoding="utf-8") as f:
+            f.write(config_lib.to_yaml(config))
+
+    run = Run(config)
+    with strategy.scope():
+        model = run.make_model()
+        optimizer = run.make_optimizer()
+        optimizer.build(model.params)
+    n_params = sum(v.shape.num_elements() for v in model.params)
+    say(f"tf_adamw.train: {type(strategy).__name__} with {replicas} "
+        f"replica(s), {rt.mixed_precision_dtype}, model "
+        f"{n_params / 1e6:.2f}M parameters, global batch {batch} x "
+        f"{config.task.data.seq_len} chars"
+        + (f" x {config.task.optimizer.gradient_accumulation_steps} "
+           "accumulated" if config.task.optimizer.gradient_accumulation_steps
+           > 1 else "") + f", model_dir {model_dir}")
+
+    # Checkpoints: everyone restores from the chief's directory; the chief
+    # writes there, other workers to a scratch directory (every worker must
+    # take part in saving distributed variables).
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    checkpoint_dir = os.path.join(model_dir, "checkpoints")
+    write_dir = checkpoint_dir if chief else os.path.join(
+        model_dir, f".worker_{task_id}_checkpoints")
+    manager = tf.train.CheckpointManager(
+        checkpoint, write_dir, max_to_keep=tr.max_to_keep)
+    restored = tf_adamw.restore_latest_good(checkpoint, checkpoint_dir)
+    start_step = int(optimizer.iterations.numpy())
+    if restored:
+        say(f"Resumed from {restored} at step {start_step}.")
+    history_path = os.path.join(model_dir, "metrics.jsonl")
+    if chief:
+        artifacts.truncate_history(history_path, start_step)
+
+    k = config.task.optimizer.gradient_accumulation_steps
+    dataset = data_lib.train_dataset(
+        run.corpus, seed=config.task.seed, global_batch_size=batch,
+        seq_len=config.task.data.seq_len, start_step=start_step * k)
+    iterator = iter(strategy.experimental_distribute_dataset(
+        dataset, _input_options(strategy)))
+    train_loop = make_train_loop(strategy, model, optimizer, config,
+                                 run.compute_dtype)
+    schedule = run.make_schedule()
+    writer = (tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+              if chief else tf.summary.create_noop_writer())
+
+    step = start_step
+    history = []
+    last_saved = start_step if restored else None
+    window_loss = window_norm = 0.0
+    window_micro = window_steps = 0
+    window_start = time.time()
+    rates = []
+    try:
+        with writer.as_default():
+            while step < tr.train_steps:
+                n = min(tr.steps_per_loop - step % tr.steps_per_loop,
+                        tr.train_steps - step)
+                loss_total, norm_total = train_loop(iterator,
+                                                    tf.constant(n * k))
+                window_loss += float(loss_total)
+                window_norm += float(norm_total)
+                window_micro += n * k
+                window_steps += n
+                step = int(optimizer.iterations.numpy())
+                done = step >= tr.train_steps
+                if step % tr.log_every_n_steps == 0 or done:
+                    elapsed = time.time() - window_start
+                    rate = window_steps / max(elapsed, 1e-9)
+                    rates.append(rate)
+                    recent = rates[-3:] if len(rates) > 1 else rates
+                    eta = (tr.train_steps - step) / (sum(recent) / len(recent))
+                    row = {"step": step,
+                           "loss": window_loss / window_micro,
+                           "learning_rate": float(schedule(step - 1)),
+                           "grad_norm": window_norm / window_micro,
+                           "steps_per_sec": rate}
+                    history.append(row)
+                    say(f"step {step:>{len(str(tr.train_steps))}}/"
+                        f"{tr.train_steps} | loss {row['loss']:.4f} | lr "
+                        f"{row['learning_rate']:.3e} | grad_norm "
+                        f"{row['grad_norm']:.3f} | {rate:.2f} steps/s | ETA "
+                        f"{_duration(eta)}")
+                    for name in ("loss", "learning_rate", "grad_norm",
+                                 "steps_per_sec"):
+                        _scalar_summary(name, row[name], step)
+                    writer.flush()
+                    if chief:
+                        artifacts.append_history(history_path, row)
+                    window_loss = window_norm = 0.0
+                    window_micro = window_steps = 0
+                    window_start = time.time()
+                if step % tr.checkpoint_every_n_steps == 0 or done:
+                    manager.save(checkpoint_number=step)
+                    last_saved = step
+                for hook in hooks:
+                    hook(step)
+        if last_saved != step:
+            manager.save(checkpoint_number=step)
+    finally:
+        # Release the input pipeline, the function that holds it first.
+        del train_loop
+        del iterator
+        gc.collect()
+    final_checkpoint = os.path.join(checkpoint_dir, f"ckpt-{step}")
+    exports = {}
+    if chief:
+        full_history = artifacts.read_history(history_path)
+        if tr.loss_curve and full_history:
+            png = os.path.join(model_dir, "loss_curve.png")
+            artifacts.plot_loss_curve(
+                full_history, png,
+                f"tf_adamw.train: {os.path.basename(model_dir.rstrip('/'))}")
+            exports["loss_curve"] = png
+        if tr.export_saved_models:
+            exports.update(artifacts.export(
+                run, final_checkpoint, os.path.join(model_dir, "export")))
+            line = (f"Final eval loss {exports['eval_loss']:.4f}")
+            if "eval_loss_ema" in exports:
+                line += f" (EMA weights: {exports['eval_loss_ema']:.4f})"
+            say(line + ".")
+            say(f"Sample (greedy, EMA weights): {exports['sample']!r}")
+            say(f"SavedModels: {exports['serving_dir']} (serving), "
+                f"{exports['training_dir']} (training).")
+    else:
+        shutil.rmtree(write_dir, ignore_errors=True)
+    wall = time.time() - started
+    say(f"Done: step {step}/{tr.train_steps} in {_duration(wall)} "
+        f"({wall:.1f} s).")
+    return Result(start_step=start_step, final_step=step, history=history,
+                  model_dir=model_dir, checkpoint=final_checkpoint,
+                  exports=exports, wall_seconds=wall)
