@@ -629,10 +629,7 @@ class AdamW(tf.Module):
         self.built = True
 
     def _index_of(self, variable):
-        try:
-            key = _var_key(variable)
-        except TypeError:
-            raise
+        key = _var_key(variable)
         if key not in self._untracked.index:
             raise ValueError(
                 f"Unknown variable: {_var_name(variable)!r}. This optimizer "
