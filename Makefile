@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	$(VPY) -m pip install --quiet -e '.[test,tfp]'
 	touch $(STAMP)
 
-# Trains the built-in default (a small character transformer, ~2 min on 2
+# Trains the built-in default (a small character transformer, ~1 min on 2
 # cores); re-running resumes from $(MODEL_DIR)'s latest checkpoint.
 train: $(STAMP)
 	$(VPY) -m tf_adamw.train --config_file=$(CONFIG) --model_dir=$(MODEL_DIR)
