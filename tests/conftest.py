@@ -6,6 +6,7 @@ once per session: creating one is slow, and tests share them.
 """
 
 import os
+import socket
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -20,6 +21,17 @@ tf.config.set_logical_device_configuration(
 )
 
 CPU_DEVICES = [f"/cpu:{i}" for i in range(NUM_REPLICAS)]
+
+
+def free_ports(n):
+    """`n` distinct free TCP ports on 127.0.0.1, for worker processes."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def make_mirrored_strategy(merge_call=True):

@@ -7,7 +7,6 @@ must end bit-identical to the uninterrupted run.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 import mwms_worker
+from conftest import free_ports
 import tf_adamw
 
 pytestmark = pytest.mark.multiprocess
@@ -26,19 +26,9 @@ WORKER = os.path.join(os.path.dirname(__file__), "mwms_worker.py")
 TIMEOUT = 90
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ",".join(str(p) for p in ports)
-
-
 def _launch(model_dir, out=None, die_at_step=None):
     """Starts both workers; returns their (returncode, output) pairs."""
-    ports = _free_ports(2)
+    ports = ",".join(str(p) for p in free_ports(2))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(__file__))] + sys.path))
     procs = []

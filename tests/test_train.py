@@ -10,7 +10,6 @@ in-process runs are marked `slow` (outside the Bazel fast subset).
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import free_ports
 from tf_adamw.train import config as config_lib
 from tf_adamw.train import data as data_lib
 from tf_adamw.train import loop
@@ -193,19 +193,9 @@ def test_cli_reports_a_missing_tpu_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.multiprocess
 def test_multiworker_local_2_runs_two_processes(tmp_path):
-    hosts = ",".join(f"127.0.0.1:{p}" for p in _free_ports(2))
+    hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
     procs = []
     for task in range(2):
         override = (TINY + ",trainer.train_steps=10,trainer.steps_per_loop=5,"
