@@ -26,35 +26,29 @@ ALLOWED_EXTRA_KEYS = {"jit_compile", "skip_nonfinite_gradients"}
 K3 = keras.optimizers.schedules
 TK = tf_keras.optimizers.schedules
 
-KERAS3_SCHEDULES = {
-    "ExponentialDecay": lambda: K3.ExponentialDecay(
-        0.1, decay_steps=2, decay_rate=0.5, staircase=True),
-    "CosineDecay+warmup": lambda: K3.CosineDecay(
-        0.01, decay_steps=6, alpha=0.1, warmup_target=0.1, warmup_steps=3),
-    "PiecewiseConstantDecay": lambda: K3.PiecewiseConstantDecay(
-        [1, 3], [0.1, 0.05, 0.01]),
-    "PolynomialDecay": lambda: K3.PolynomialDecay(
-        0.1, decay_steps=4, end_learning_rate=0.01, power=2.0, cycle=True),
-    "InverseTimeDecay": lambda: K3.InverseTimeDecay(
-        0.1, decay_steps=2, decay_rate=0.5),
-    "CosineDecayRestarts": lambda: K3.CosineDecayRestarts(
-        0.1, first_decay_steps=2, t_mul=2.0, m_mul=0.5, alpha=0.01),
-}
 
-TF_KERAS_SCHEDULES = {
-    "ExponentialDecay": lambda: TK.ExponentialDecay(
-        0.1, decay_steps=2, decay_rate=0.5, staircase=True),
-    "CosineDecay+warmup": lambda: TK.CosineDecay(
-        0.01, decay_steps=6, alpha=0.1, warmup_target=0.1, warmup_steps=3),
-    "PiecewiseConstantDecay": lambda: TK.PiecewiseConstantDecay(
-        [1, 3], [0.1, 0.05, 0.01]),
-    "PolynomialDecay": lambda: TK.PolynomialDecay(
-        0.1, decay_steps=4, end_learning_rate=0.01, power=2.0, cycle=True),
-    "InverseTimeDecay": lambda: TK.InverseTimeDecay(
-        0.1, decay_steps=2, decay_rate=0.5),
-    "CosineDecayRestarts": lambda: TK.CosineDecayRestarts(
-        0.1, first_decay_steps=2, t_mul=2.0, m_mul=0.5, alpha=0.01),
-}
+def _schedule_factories(ns):
+    """The same six schedules, built from Keras 3's or tf_keras's `ns`."""
+    return {
+        "ExponentialDecay": lambda: ns.ExponentialDecay(
+            0.1, decay_steps=2, decay_rate=0.5, staircase=True),
+        "CosineDecay+warmup": lambda: ns.CosineDecay(
+            0.01, decay_steps=6, alpha=0.1, warmup_target=0.1,
+            warmup_steps=3),
+        "PiecewiseConstantDecay": lambda: ns.PiecewiseConstantDecay(
+            [1, 3], [0.1, 0.05, 0.01]),
+        "PolynomialDecay": lambda: ns.PolynomialDecay(
+            0.1, decay_steps=4, end_learning_rate=0.01, power=2.0,
+            cycle=True),
+        "InverseTimeDecay": lambda: ns.InverseTimeDecay(
+            0.1, decay_steps=2, decay_rate=0.5),
+        "CosineDecayRestarts": lambda: ns.CosineDecayRestarts(
+            0.1, first_decay_steps=2, t_mul=2.0, m_mul=0.5, alpha=0.01),
+    }
+
+
+KERAS3_SCHEDULES = _schedule_factories(K3)
+TF_KERAS_SCHEDULES = _schedule_factories(TK)
 
 ALL_SCHEDULES = (
     [pytest.param(f, id=f"keras3-{n}") for n, f in KERAS3_SCHEDULES.items()]
