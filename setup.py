@@ -12,6 +12,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["tf_adamw", "tf_adamw.*"]),
+    # The fused kernel's C++ source, compiled on first use (tf_adamw.kernels).
+    package_data={"tf_adamw": ["cc/*.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow==2.21.0",

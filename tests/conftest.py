@@ -63,3 +63,14 @@ def tpu_like_strategy():
     way.
     """
     return make_mirrored_strategy(merge_call=False)
+
+
+def step_traces(optimizer):
+    """How many times the optimizer's step functions have been traced.
+
+    Eager steps on the fused kernel run without a step function, so a purely
+    eager run counts 0.
+    """
+    # pylint: disable=protected-access
+    return sum(f.experimental_get_tracing_count()
+               for f in optimizer._untracked.step_fns.values())

@@ -73,7 +73,7 @@ CASES = {
 }
 
 
-def _optimizer(case, jit_compile):
+def _optimizer(case, jit_compile, fused):
     kwargs = dict(CASES[case])
     kwargs.pop("kernel_dtype", None)
     if kwargs.get("learning_rate") == "schedule":
@@ -82,7 +82,7 @@ def _optimizer(case, jit_compile):
             0.01, decay_steps=1, decay_rate=0.5)
     kwargs.setdefault("learning_rate", 0.01)
     return tf_adamw.AdamW(weight_decay=0.1, jit_compile=jit_compile,
-                          **kwargs)
+                          fused=fused, **kwargs)
 
 
 def _state(optimizer, variables):
@@ -103,16 +103,21 @@ def _copies(strategy, variable):
     return [c.numpy() for c in strategy.experimental_local_results(variable)]
 
 
-def _run(case, strategy, jit_compile=True):
-    """Trains NUM_STEPS; returns the state after every step."""
+def _run(case, strategy, jit_compile=True, fused=None):
+    """Trains NUM_STEPS; returns the state after every step.
+
+    `fused=None` runs the fused CPU kernel (the default here), `fused=False`
+    the XLA step (with `jit_compile`) that TPUs and GPUs run.
+    """
     dtype = tf.as_dtype(CASES[case].get("kernel_dtype", "float32"))
     dyadic = dtype != tf.float32
     scope = strategy.scope() if strategy else tf.distribute.get_strategy(
     ).scope()
     with scope:
         variables = _make_variables(dtype)
-        optimizer = _optimizer(case, jit_compile)
+        optimizer = _optimizer(case, jit_compile, fused)
         optimizer.build(variables)
+    assert optimizer.uses_fused_kernel == (fused is None)
 
     def replica_step(x, y, ids):
         with tf.GradientTape() as tape:
@@ -156,6 +161,7 @@ _SINGLE_DEVICE = {}
 
 
 def _single_device(case):
+    """The one-device run of `case` (fused kernel), computed once."""
     if case not in _SINGLE_DEVICE:
         _SINGLE_DEVICE[case] = _run(case, None)
     return _SINGLE_DEVICE[case]
@@ -186,14 +192,17 @@ def test_mirrored_equals_one_device(case, mirrored_strategy):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_tpu_like_no_merge_call_equals_one_device(case, tpu_like_strategy):
-    _assert_matches(_run(case, tpu_like_strategy), _single_device(case), case)
+    """The XLA step, as TPUs run it (no merge call, no custom kernel)."""
+    _assert_matches(_run(case, tpu_like_strategy, fused=False),
+                    _single_device(case), case)
 
 
 @pytest.mark.parametrize("case", ["global_clipnorm",
                                   "accumulation_schedule_ema"])
 def test_without_xla_equals_one_device(case, mirrored_strategy):
-    _assert_matches(_run(case, mirrored_strategy, jit_compile=False),
-                    _single_device(case), case)
+    _assert_matches(
+        _run(case, mirrored_strategy, jit_compile=False, fused=False),
+        _single_device(case), case)
 
 
 def test_sparse_gradients_are_exercised():

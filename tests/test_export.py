@@ -38,14 +38,14 @@ SIGNATURE = [tf.TensorSpec([None, 4], tf.float32),
              tf.TensorSpec([None, 3], tf.float32)]
 
 
-def make_optimizer(jit_compile=True):
+def make_optimizer(jit_compile=True, fused=None):
     schedule = keras.optimizers.schedules.ExponentialDecay(
         initial_learning_rate=0.05, decay_steps=2, decay_rate=0.7)
     return tf_adamw.AdamW(
         learning_rate=schedule, weight_decay=0.004, amsgrad=True,
         use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=3,
         gradient_accumulation_steps=2, global_clipnorm=1.0,
-        jit_compile=jit_compile)
+        jit_compile=jit_compile, fused=fused)
 
 
 def make_model():
@@ -65,10 +65,10 @@ def make_model():
 class Trainer(tf.Module):
     """What the trainer exports: the model, the optimizer, `train_step`."""
 
-    def __init__(self, jit_compile=True, build=True):
+    def __init__(self, jit_compile=True, build=True, fused=None):
         super().__init__(name="trainer")
         self.model = make_model()
-        self.optimizer = make_optimizer(jit_compile)
+        self.optimizer = make_optimizer(jit_compile, fused)
         if build:
             self.optimizer.build(self.model.trainable_variables)
 
@@ -127,9 +127,15 @@ def optimizer_keys(keys):
 # ----------------------------------------------------------------------------
 # 1. Training SavedModel.
 
-# Both ways of saving, and the optimizer's step with and without XLA.
-EXPORT_VARIANTS = [("export_training_model", True),
-                   ("tf.saved_model.save", False)]
+# Both ways of saving; the optimizer on its default (fused) step, and on its
+# XLA step (`fused=False`, the step TPUs and GPUs run).
+EXPORT_VARIANTS = [("export_training_model", True, None),
+                   ("tf.saved_model.save", False, None),
+                   ("export_training_model", True, False)]
+
+
+def variant_name(how, jit, fused):
+    return f"{how}-jit{int(jit)}" + ("-xla" if fused is False else "")
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +143,10 @@ def training_exports(tmp_path_factory):
     """Per variant: export after N steps, then the uninterrupted N+M run."""
     tmp = tmp_path_factory.mktemp("training_exports")
     out = {}
-    for how, jit in EXPORT_VARIANTS:
-        name = f"{how}-jit{int(jit)}"
-        trainer = Trainer(jit_compile=jit)
+    for how, jit, fused in EXPORT_VARIANTS:
+        name = variant_name(how, jit, fused)
+        trainer = Trainer(jit_compile=jit, fused=fused)
+        assert trainer.optimizer.uses_fused_kernel == (fused is None), name
         run_steps(trainer.train_step, 0, N_STEPS)
         export_dir = str(tmp / name)
         if how == "export_training_model":
@@ -173,7 +180,7 @@ def test_training_export_resumes_bit_identically_in_a_new_process(
     `loaded.train_step` for M steps; every model and optimizer variable
     equals the run that never stopped, bit for bit."""
     tmp = training_exports["tmp"]
-    names = [f"{how}-jit{int(jit)}" for how, jit in EXPORT_VARIANTS]
+    names = [variant_name(*v) for v in EXPORT_VARIANTS]
     spec = {"runs": [{"export_dir": training_exports[n]["dir"],
                       "first": N_STEPS, "count": M_STEPS,
                       "out": str(tmp / f"resumed-{n}")} for n in names]}
@@ -216,10 +223,13 @@ def test_training_export_resumes_in_process_and_holds_exactly_the_state(
 
 def test_compiled_step_holder_is_not_in_the_saved_object_graph(
         training_exports):
-    """`opt._untracked.step_fn` (the optimizer's compiled step) is invisible
-    to SavedModel: no node for it, no extra function to save. The train
-    step's graph calls it, with its XLA attribute kept."""
-    for name in ("export_training_model-jit1", "tf.saved_model.save-jit0"):
+    """`opt._untracked.step_fns` (the optimizer's step functions) are
+    invisible to SavedModel: no node for them, no extra function to save.
+    The train step's graph calls the step: with its XLA attribute for the
+    XLA step; for the fused step, its plain-op twin, with no custom op (a
+    SavedModel must load where tf_adamw's kernel library is absent)."""
+    for name in ("export_training_model-jit1", "tf.saved_model.save-jit0",
+                 "export_training_model-jit1-xla"):
         path = os.path.join(training_exports[name]["dir"], "saved_model.pb")
         proto = saved_model_pb2.SavedModel()
         with open(path, "rb") as f:
@@ -227,22 +237,24 @@ def test_compiled_step_holder_is_not_in_the_saved_object_graph(
         graph = proto.meta_graphs[0].object_graph_def
         child_names = {c.local_name for node in graph.nodes
                        for c in node.children}
-        assert not child_names & {"_untracked", "step_fn", "_update_step"}
+        assert not child_names & {"_untracked", "step_fns", "_update_step"}
         library = proto.meta_graphs[0].graph_def.library
         step_functions = [f for f in library.function
                           if "_update_step" in f.signature.name]
         assert step_functions, [f.signature.name for f in library.function]
         xla = [f.attr["_XlaMustCompile"].b for f in step_functions]
-        assert any(xla) == name.endswith("jit1"), (name, xla)
+        assert any(xla) == name.endswith("-xla"), (name, xla)
+        ops = {node.op for f in library.function for node in f.node_def}
+        assert "TfAdamwFusedApply" not in ops, name
 
 
 def test_export_before_the_first_step_traces_the_step_at_save_time(tmp_path):
-    """Built but never called (`step_fn` is None): saving traces the step
-    (with the compiled step inside); the loaded step equals a live one."""
+    """Built but never called (no step function yet): saving traces the
+    step; the loaded step equals a live one."""
     module = _Unbuilt()
     module.optimizer.build([module.v])
     # pylint: disable=protected-access
-    assert module.optimizer._untracked.step_fn is None
+    assert not module.optimizer._untracked.step_fns
     tf_adamw.export_training_model(str(tmp_path / "fresh"), module)
     loaded = tf.saved_model.load(str(tmp_path / "fresh"))
     for g in ([0.5, -1.0], [2.0, 0.25]):

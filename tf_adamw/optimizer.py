@@ -12,9 +12,15 @@ import re
 import warnings
 
 import tensorflow as tf
+# Where the step is being traced: inside an XLA cluster (a user's
+# `jit_compile=True` function, a TPU replica) or for a SavedModel. Neither has
+# a public API; both decide whether the fused kernel may be used.
+from tensorflow.python.ops import control_flow_util
+from tensorflow.python.saved_model import save_context
 
 from tf_adamw import _validation as check
 from tf_adamw import distribute
+from tf_adamw import kernels
 from tf_adamw import schedules
 from tf_adamw import update as adamw_math
 
@@ -36,7 +42,14 @@ class _Untracked:
         self.tf_vars = []  # the same, unwrapped to `tf.Variable`
         self.index = {}  # variable key -> position in var_list
         self.use_decay = []  # per variable: weight decay applies
-        self.step_fn = None  # the compiled step, built lazily
+        self.compute_dtypes = []  # per variable: dtype of its slots and math
+        self.shapes = []  # per variable: its shape as a tuple (None if partial)
+        # The step as a `tf.function`, one per kind (see `_step_kind`),
+        # built lazily.
+        self.step_fns = {}
+        # Why the fused kernel cannot run these variables (None: it can),
+        # decided at build().
+        self.fused_blocker = "not built"
         self.given = {}  # hyperparameter name -> the Python float given
         self.own = {}  # hyperparameter name -> the variable we created
         self.strategy = None  # the tf.distribute strategy of build()
@@ -134,8 +147,15 @@ class AdamW(tf.Module):
             consecutive calls are one update on the mean of their gradients;
             the calls in between only accumulate (variables, slots, EMA,
             learning-rate schedule and `iterations` do not move).
-        **kwargs: `jit_compile` (bool, default True): compile the step with
-            XLA; set False to debug. `skip_nonfinite_gradients` (bool,
+        **kwargs: `fused` (None, True or False; default None): None uses
+            the fused CPU kernel (one pass over memory for all variables,
+            see `tf_adamw.kernels`) wherever it can run and the XLA step
+            elsewhere; True makes `build()` fail if the kernel cannot run
+            these variables; False always uses the XLA step. Inside a
+            `jit_compile=True` function, on TPU or while a SavedModel is
+            being traced the XLA step is always used.
+            `jit_compile` (bool, default True): compile the non-fused step
+            with XLA; set False to debug. `skip_nonfinite_gradients` (bool,
             default False, Keras's behaviour): when True, a call whose
             (cross-replica summed) gradients contain NaN or Inf changes no
             variable, slot, EMA average, accumulator or counter except
@@ -179,9 +199,12 @@ class AdamW(tf.Module):
             )
         jit_compile = kwargs.pop("jit_compile", True)
         skip_nonfinite = kwargs.pop("skip_nonfinite_gradients", False)
+        fused = kwargs.pop("fused", None)
         if kwargs:
             raise ValueError(f"Argument(s) not recognized: {kwargs}")
         self._jit_compile = check.boolean("jit_compile", jit_compile)
+        self._fused = None if fused is None else check.boolean(
+            "fused", fused)
         self._skip_nonfinite = check.boolean(
             "skip_nonfinite_gradients", skip_nonfinite)
 
@@ -370,7 +393,7 @@ class AdamW(tf.Module):
             callable(value) and not isinstance(value, tf.Tensor)
         ) or isinstance(value, tf.Variable):
             self._learning_rate = value
-            self._untracked.step_fn = None  # the step reads a new object
+            self._untracked.step_fns = {}  # the step reads a new object
             return
         if self._learning_rate is not self._untracked.own.get(
                 "learning_rate"):
@@ -615,8 +638,18 @@ class AdamW(tf.Module):
         u.tf_vars = [_unwrap(v) for v in var_list]
         u.index = index
         u.use_decay = [self._uses_weight_decay(v) for v in var_list]
+        u.compute_dtypes = [adamw_math.compute_dtype(v.dtype)
+                            for v in u.tf_vars]
+        u.shapes = [tuple(v.shape.as_list()) if v.shape.is_fully_defined()
+                    else None for v in u.tf_vars]
         u.strategy = strategy
         u.distributed = tf.distribute.has_strategy()
+        u.fused_blocker = self._fused_blocker(u.tf_vars)
+        if self._fused and u.fused_blocker:
+            raise ValueError(
+                "Argument `fused=True`, but the fused AdamW kernel cannot run "
+                f"these variables: {u.fused_blocker}. Use `fused=None` (the "
+                "default) to fall back to the XLA step.")
         # Extending the tracked lists made in __init__ names the slots
         # `_momentums/0`, ...; a checkpoint restored into the unbuilt
         # optimizer is bound to those lists and fills each slot as it is
@@ -627,6 +660,61 @@ class AdamW(tf.Module):
         self._averages.extend(slots["average"])
         self._accumulators.extend(slots["accumulator"])
         self.built = True
+
+    def _fused_blocker(self, tf_vars):
+        """Why the fused kernel cannot update `tf_vars`, or None."""
+        if self._fused is False:
+            return "`fused=False`"
+        for variable in tf_vars:
+            if adamw_math.compute_dtype(variable.dtype) != tf.float32:
+                return (f"variable {variable.name!r} has dtype "
+                        f"{variable.dtype.name} (the kernel updates float32, "
+                        "bfloat16 and float16 variables)")
+            copies = (variable.values if distribute.is_distributed(variable)
+                      else (variable,))
+            for copy in copies:
+                device = tf.DeviceSpec.from_string(copy.device or "")
+                if device.device_type not in (None, "CPU"):
+                    return (f"variable {variable.name!r} is on "
+                            f"{copy.device} (the kernel runs on CPU)")
+        if kernels.load() is None:
+            return "the kernel is unavailable: " + kernels.unavailable_reason()
+        return None
+
+    @property
+    def uses_fused_kernel(self):
+        """True when eager and `tf.function` steps run the fused kernel.
+
+        False before `build()`, with `fused=False`, and when the kernel cannot
+        run the variables (see `fused` in the class docstring). Steps traced
+        inside XLA or for a SavedModel use the XLA step regardless.
+        """
+        return self.built and self._untracked.fused_blocker is None
+
+    def _step_kind(self):
+        """Which step the call being dispatched now runs.
+
+        Returns:
+            "fused": the fused kernel for steps 5-6, TF ops for the rest.
+            "ops": the same pipeline with TF ops only, not compiled: it
+                rounds exactly like "fused" (same operations, each rounded
+                once) and needs no kernel library, so a SavedModel traced
+                from an optimizer running "fused" resumes bit-identically
+                wherever it is loaded.
+            "xla": the step compiled by XLA (`jit_compile`), everywhere the
+                kernel cannot run.
+        """
+        if not self.uses_fused_kernel:
+            return "xla"
+        if not tf.executing_eagerly() and (
+                control_flow_util.GraphOrParentsInXlaContext(
+                    tf.compat.v1.get_default_graph())):
+            # A custom op has no XLA lowering: inside a jit-compiled
+            # function or a TPU replica XLA compiles the step.
+            return "xla"
+        if save_context.in_save_context():
+            return "ops"
+        return "fused"
 
     def _index_of(self, variable):
         key = _var_key(variable)
@@ -708,14 +796,19 @@ class AdamW(tf.Module):
             )
         if not self.built:
             self.build(variables)
-        full = [None] * len(self._untracked.var_list)
+        u = self._untracked
+        if len(variables) == len(u.var_list) and all(
+                a is b for a, b in zip(variables, u.var_list)):
+            indices = range(len(variables))  # the built list, in order
+        else:
+            indices = [self._index_of(v) for v in variables]
+        full = [None] * len(u.var_list)
         missing = []
-        for grad, variable in zip(grads, variables):
-            i = self._index_of(variable)
+        for grad, variable, i in zip(grads, variables, indices):
             if grad is None:
                 missing.append(_var_name(variable))
                 continue
-            full[i] = self._checked_gradient(grad, variable)
+            full[i] = self._checked_gradient(grad, variable, i)
         if all(g is None for g in full):
             raise ValueError(
                 "No gradients provided for any variable: "
@@ -730,12 +823,20 @@ class AdamW(tf.Module):
             full, aggregate=not check.boolean(
                 "skip_gradients_aggregation", skip_gradients_aggregation))
 
-    def _checked_gradient(self, grad, variable):
+    def _checked_gradient(self, grad, variable, i):
+        shape_tuple = getattr(grad, "_shape_tuple", None)
+        if shape_tuple is not None and (
+                shape_tuple() == self._untracked.shapes[i]
+                and grad.dtype.is_floating):
+            # A dense tensor of exactly the variable's shape: the common
+            # case, checked without building TensorShapes (eager steps of
+            # many small variables are bound by this Python).
+            return grad
         if distribute.is_distributed(grad):
             # Per-replica gradients (from `strategy.run`) applied in a
             # cross-replica context: check one replica's component.
             for component in grad.values:
-                self._checked_gradient(component, variable)
+                self._checked_gradient(component, variable, i)
             return grad
         shape = _unwrap(variable).shape
         if isinstance(grad, tf.IndexedSlices):
@@ -789,8 +890,16 @@ class AdamW(tf.Module):
                 "the step."
             )
         external = self._external_hyperparameters()
+        kind = self._step_kind()
         if not tf.distribute.has_strategy():
-            self._compiled_step()(grads, external)
+            if (kind == "fused" and tf.executing_eagerly()
+                    and self._only_fused_ops()):
+                # One kernel and a few scalar ops: running them eagerly
+                # costs less than a function call with every variable's
+                # handle as an input.
+                self._update_step(grads, external, fused=True)
+            else:
+                self._step_function(kind)(grads, external)
             return self._iterations
         indices = [i for i, g in enumerate(grads) if g is not None]
         present = []
@@ -807,7 +916,7 @@ class AdamW(tf.Module):
             full = [None] * len(grads)
             for i, g in zip(indices, present_grads):
                 full[i] = g
-            return self._compiled_step()(full, external)
+            return self._step_function(kind)(full, external)
 
         if tf.distribute.in_cross_replica_context():
             if any(distribute.is_distributed(g) for g in present):
@@ -831,21 +940,32 @@ class AdamW(tf.Module):
             update_every_replica, strategy, present, external)
         return self._iterations
 
-    def _compiled_step(self):
-        if self._untracked.step_fn is None:
+    def _only_fused_ops(self):
+        """True when the step has no per-variable op but the kernel."""
+        return not (
+            self._skip_nonfinite or self._gradient_accumulation_steps
+            or self._use_ema or self._loss_scale_factor is not None
+            or self._clipnorm or self._clipvalue or self._global_clipnorm)
+
+    def _step_function(self, kind):
+        """The whole step as a `tf.function` of `kind` (`_step_kind`)."""
+        u = self._untracked
+        if kind not in u.step_fns:
             # autograph=False: the step has no Python control flow on
             # tensors (branches are explicit tf.conds), and autograph's
             # source conversion dominated tracing time (15 s for 200
             # variables).
-            self._untracked.step_fn = tf.function(
-                self._update_step,
-                jit_compile=self._jit_compile,
-                reduce_retracing=True,
-                autograph=False,
-            )
-        return self._untracked.step_fn
+            u.step_fns[kind] = tf.function(
+                self._fused_update_step if kind == "fused"
+                else self._update_step,
+                jit_compile=self._jit_compile if kind == "xla" else False,
+                reduce_retracing=True, autograph=False)
+        return u.step_fns[kind]
 
-    def _update_step(self, grads, external):
+    def _fused_update_step(self, grads, external):
+        return self._update_step(grads, external, fused=True)
+
+    def _update_step(self, grads, external, fused=False):
         """The whole step for all variables, traced once per grad structure.
 
         Runs on one replica (or the only device) against that replica's own
@@ -855,16 +975,20 @@ class AdamW(tf.Module):
             grads: list aligned with the built variables; None where a
                 variable has no gradient this step.
             external: `_external_hyperparameters()` of this call.
+            fused: steps 5-6 run as the fused kernel rather than as TF ops.
         """
         state = self._local_state()
         state["external"] = external
+        state["fused"] = fused
         dense = {}
+        compute_dtypes = self._untracked.compute_dtypes
         for i, g in enumerate(grads):
             if g is None:
                 continue
-            variable = state["variables"][i]
-            dtype = adamw_math.compute_dtype(variable.dtype)
-            g = tf.cast(adamw_math.densify(g, variable.shape), dtype)
+            dtype = compute_dtypes[i]
+            if not (isinstance(g, tf.Tensor) and g.dtype == dtype):
+                g = tf.cast(adamw_math.densify(
+                    g, state["variables"][i].shape), dtype)
             # Step 2: unscale.
             if self._loss_scale_factor is not None:
                 g = g / tf.cast(self._loss_scale_factor, dtype)
@@ -922,7 +1046,8 @@ class AdamW(tf.Module):
 
     def _local_state(self):
         """This replica's copy of every variable the step touches."""
-        local = distribute.local
+        local = distribute.local if self._untracked.distributed else (
+            lambda variable: variable)
         return {
             "variables": [local(v) for v in self._untracked.tf_vars],
             "momentums": [local(v) for v in self._momentums],
@@ -982,33 +1107,49 @@ class AdamW(tf.Module):
 
         variables = state["variables"]
         new_values = {}
-        for i in order:
-            variable = variables[i]
-            dtype = adamw_math.compute_dtype(variable.dtype)
-            s = scalars_for(dtype)
-            # Steps 5 and 6: weight decay, then Adam, in one expression.
-            # Each variable is read once (every use of a tf.Variable in an
-            # op would add a read) and written without reading it back.
-            value, m, v, v_hat = adamw_math.adamw_update(
-                tf.cast(variable.read_value(), dtype),
-                grads[i],
-                state["momentums"][i].read_value(),
-                state["velocities"][i].read_value(),
-                state["velocity_hats"][i].read_value()
-                if self._amsgrad else None,
-                alpha=s["alpha"],
-                one_minus_beta_1=s["one_minus_beta_1"],
+        if state["fused"]:
+            # Steps 5 and 6 for every variable in one kernel, one pass over
+            # memory (tf_adamw/cc/fused_adamw.cc does adamw_update's math).
+            s = scalars_for(tf.float32)
+            kernels.fused_apply(
+                [variables[i] for i in order],
+                [state["momentums"][i] for i in order],
+                [state["velocities"][i] for i in order],
+                [state["velocity_hats"][i] for i in order]
+                if self._amsgrad else [],
+                [grads[i] for i in order],
+                alpha=s["alpha"], one_minus_beta_1=s["one_minus_beta_1"],
                 one_minus_beta_2=s["one_minus_beta_2"],
-                epsilon=s["epsilon"],
-                decay=s["decay"] if self._untracked.use_decay[i] else None,
-            )
-            state["momentums"][i].assign(m, read_value=False)
-            state["velocities"][i].assign(v, read_value=False)
-            if v_hat is not None:
-                state["velocity_hats"][i].assign(v_hat, read_value=False)
-            value = tf.cast(value, variable.dtype)
-            variable.assign(value, read_value=False)
-            new_values[i] = value
+                epsilon=s["epsilon"], decay=s["decay"],
+                use_decay=[self._untracked.use_decay[i] for i in order])
+        else:
+            for i in order:
+                variable = variables[i]
+                dtype = adamw_math.compute_dtype(variable.dtype)
+                s = scalars_for(dtype)
+                # Steps 5 and 6: weight decay, then Adam, in one expression.
+                # Each variable is read once (every use of a tf.Variable in an
+                # op would add a read) and written without reading it back.
+                value, m, v, v_hat = adamw_math.adamw_update(
+                    tf.cast(variable.read_value(), dtype),
+                    grads[i],
+                    state["momentums"][i].read_value(),
+                    state["velocities"][i].read_value(),
+                    state["velocity_hats"][i].read_value()
+                    if self._amsgrad else None,
+                    alpha=s["alpha"],
+                    one_minus_beta_1=s["one_minus_beta_1"],
+                    one_minus_beta_2=s["one_minus_beta_2"],
+                    epsilon=s["epsilon"],
+                    decay=s["decay"] if self._untracked.use_decay[i] else None,
+                )
+                state["momentums"][i].assign(m, read_value=False)
+                state["velocities"][i].assign(v, read_value=False)
+                if v_hat is not None:
+                    state["velocity_hats"][i].assign(v_hat, read_value=False)
+                value = tf.cast(value, variable.dtype)
+                variable.assign(value, read_value=False)
+                new_values[i] = value
 
         # Step 7: EMA of every built variable, then the periodic overwrite.
         if self._use_ema:
@@ -1104,6 +1245,7 @@ class AdamW(tf.Module):
             "amsgrad": self._amsgrad,
             "jit_compile": self._jit_compile,
             "skip_nonfinite_gradients": self._skip_nonfinite,
+            "fused": self._fused,
         }
         return config
 

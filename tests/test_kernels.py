@@ -1,0 +1,209 @@
+"""The fused CPU kernel (`tf_adamw/kernels.py`, `tf_adamw/cc/fused_adamw.cc`).
+
+- It is what `AdamW` runs by default on CPU, eagerly and in `tf.function`,
+  and its step graph holds the one fused op.
+- It rounds exactly like the same pipeline written with TF ops (`fused=False,
+  jit_compile=False`), bit for bit: float32/bfloat16/float16 variables,
+  AMSGrad, excluded variables, sparse gradients, a variable large enough to
+  be split across threads. It agrees with the XLA step to rounding.
+- Inside a `jit_compile=True` function the XLA step runs instead.
+- It never writes through a buffer a reader still holds (copy-on-write).
+- Bad inputs to the op, a failing compiler and an unavailable kernel give
+  clear errors or a clean fallback.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_adamw import AdamW
+from tf_adamw import kernels
+
+SHAPES = [(37, 23), (23,), (5,), (600, 600)]  # the last one is threaded
+
+
+def _initial(dtype):
+    rng = np.random.default_rng(0)
+    return [rng.normal(size=s).astype(np.float32) for s in SHAPES], dtype
+
+
+def _grads(step, sparse):
+    rng = np.random.default_rng(100 + step)
+    grads = [tf.constant(rng.normal(size=s).astype(np.float32))
+             for s in SHAPES]
+    if sparse:
+        # Duplicate indices: the dense equivalent sums them.
+        indices = tf.constant([0, 3, 3, 36])
+        values = tf.constant(rng.normal(size=(4, 23)).astype(np.float32))
+        grads[0] = tf.IndexedSlices(values, indices,
+                                    dense_shape=tf.constant(SHAPES[0]))
+    return grads
+
+
+def _train(mode, dtype="float32", steps=4, sparse=False, **kwargs):
+    """Runs `steps` steps; returns (optimizer, every variable and slot)."""
+    values, _ = _initial(dtype)
+    variables = [tf.Variable(tf.cast(v, dtype)) for v in values]
+    opt = AdamW(learning_rate=0.01, weight_decay=0.1, **kwargs)
+    opt.exclude_from_weight_decay(var_list=[variables[1]])
+
+    def step(grads):
+        opt.apply_gradients(zip(grads, variables))
+
+    if mode == "function":
+        step = tf.function(step)
+    elif mode == "jit":
+        step = tf.function(step, jit_compile=True)
+    for i in range(steps):
+        step(_grads(i, sparse))
+    state = [v.numpy() for v in variables]
+    for v in variables:
+        state += [s.numpy() for _, s in sorted(opt.slots_for(v).items())]
+    return opt, state
+
+
+def _assert_identical(got, want, what):
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and np.array_equal(a, b), (
+            f"{what}: array {k} differs in "
+            f"{int(np.sum(a != b))} of {a.size} elements")
+
+
+def test_kernel_is_the_default_on_cpu():
+    opt, _ = _train("eager", steps=1)
+    assert opt.uses_fused_kernel
+    assert os.path.exists(kernels.library_path())
+
+
+def test_step_graph_holds_one_fused_op():
+    variables = [tf.Variable(tf.zeros(s)) for s in SHAPES]
+    opt = AdamW()
+    opt.build(variables)
+
+    @tf.function
+    def step(grads):
+        opt.apply(grads, variables)
+
+    graph = step.get_concrete_function(
+        [tf.TensorSpec(s, tf.float32) for s in SHAPES]).graph
+    ops = [op.type for f in graph._functions.values()  # pylint: disable=protected-access
+           for op in f.graph.get_operations()]
+    assert ops.count("TfAdamwFusedApply") == 1, ops
+    # No per-variable update ops around it.
+    assert "AssignVariableOp" not in ops, ops
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize("dtype,amsgrad,sparse", [
+    ("float32", False, False),
+    ("float32", True, True),
+    ("bfloat16", False, True),
+    ("float16", True, False),
+])
+def test_fused_equals_tf_ops_bit_for_bit(mode, dtype, amsgrad, sparse):
+    """The kernel is the pipeline's own arithmetic, rounded identically."""
+    fused_opt, fused = _train(mode, dtype, sparse=sparse, amsgrad=amsgrad)
+    ops_opt, ops = _train(mode, dtype, sparse=sparse, amsgrad=amsgrad,
+                          fused=False, jit_compile=False)
+    assert fused_opt.uses_fused_kernel and not ops_opt.uses_fused_kernel
+    _assert_identical(fused, ops, f"{mode} {dtype} amsgrad={amsgrad}")
+
+
+def test_fused_matches_xla_to_rounding():
+    _, fused = _train("function", amsgrad=True)
+    _, xla = _train("function", amsgrad=True, fused=False)
+    for a, b in zip(fused, xla):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-7)
+
+
+def test_inside_a_jit_compiled_function_the_xla_step_runs():
+    """A custom op cannot be compiled by XLA: the XLA step is used (and
+    agrees with the kernel run eagerly)."""
+    opt, jitted = _train("jit", amsgrad=True)
+    assert opt.uses_fused_kernel  # it would be used outside XLA
+    _, eager = _train("eager", amsgrad=True)
+    for a, b in zip(jitted, eager):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-7)
+
+
+def test_a_value_read_before_the_step_is_not_overwritten():
+    """Copy-on-write: a tensor read from the variable (or a slot) before
+    the step keeps its value; the kernel writes a fresh buffer instead."""
+    variable = tf.Variable([1.0, 2.0, 3.0])
+    opt = AdamW(learning_rate=0.1)
+    opt.apply([tf.constant([1.0, 1.0, 1.0])], [variable])
+    before = variable.read_value()
+    momentum = opt.slots_for(variable)["momentum"].read_value()
+    snapshot = (before.numpy().copy(), momentum.numpy().copy())
+    opt.apply([tf.constant([1.0, 1.0, 1.0])], [variable])
+    assert not np.array_equal(variable.numpy(), snapshot[0])
+    np.testing.assert_array_equal(before.numpy(), snapshot[0])
+    np.testing.assert_array_equal(momentum.numpy(), snapshot[1])
+
+
+def test_op_rejects_a_gradient_of_the_wrong_size():
+    variable = tf.Variable(tf.zeros([4]))
+    m, v = tf.Variable(tf.zeros([4])), tf.Variable(tf.zeros([4]))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="gradient 0 has 3 elements; its variable has 4"):
+        kernels.fused_apply([variable], [m], [v], [], [tf.zeros([3])],
+                            alpha=0.1, one_minus_beta_1=0.1,
+                            one_minus_beta_2=0.001, epsilon=1e-7, decay=0.0,
+                            use_decay=[True])
+
+
+def test_op_rejects_a_float64_variable():
+    variable = tf.Variable(tf.zeros([2], tf.float64))
+    m, v = tf.Variable(tf.zeros([2])), tf.Variable(tf.zeros([2]))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="variable 0 has dtype double"):
+        kernels.fused_apply([variable], [m], [v], [], [tf.zeros([2])],
+                            alpha=0.1, one_minus_beta_1=0.1,
+                            one_minus_beta_2=0.001, epsilon=1e-7, decay=0.0,
+                            use_decay=[False])
+
+
+def test_float64_variables_take_the_xla_step():
+    variable = tf.Variable([1.0, 2.0], dtype=tf.float64)
+    opt = AdamW()
+    opt.apply([tf.constant([0.5, 0.5], tf.float64)], [variable])
+    assert not opt.uses_fused_kernel
+    assert int(opt.iterations.numpy()) == 1
+
+
+def test_fused_true_refuses_variables_the_kernel_cannot_run():
+    opt = AdamW(fused=True)
+    with pytest.raises(ValueError, match=r"`fused=True`.*float64"):
+        opt.build([tf.Variable([1.0], dtype=tf.float64)])
+
+
+def test_fused_must_be_none_or_bool():
+    with pytest.raises(TypeError, match=r"`fused`.*fused='yes'"):
+        AdamW(fused="yes")
+
+
+def test_unavailable_kernel_falls_back_to_xla(monkeypatch):
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    monkeypatch.setattr(kernels, "unavailable_reason",
+                        lambda: "KernelBuildError: no C++ compiler found")
+    variable = tf.Variable([1.0, 2.0])
+    opt = AdamW()
+    opt.apply([tf.constant([0.5, 0.5])], [variable])
+    assert not opt.uses_fused_kernel
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler found"):
+        AdamW(fused=True).build([tf.Variable([1.0])])
+
+
+def test_build_is_cached_and_reports_compiler_failures(tmp_path,
+                                                        monkeypatch):
+    path = kernels.library_path()
+    stamp = os.stat(path).st_mtime_ns
+    assert kernels.build() == path  # up to date: not rebuilt
+    assert os.stat(path).st_mtime_ns == stamp
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(kernels.KernelBuildError,
+                       match="compiling the fused AdamW kernel failed"):
+        kernels.build(directory=str(tmp_path), force=True)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".so")]

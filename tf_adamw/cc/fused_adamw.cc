@@ -1,0 +1,318 @@
+// One AdamW step for a whole list of variables, in one pass over memory.
+//
+// XLA:CPU compiles the AdamW update of one variable into three loop kernels
+// (m, v, then the variable re-reading the new m and v): 40 bytes moved per
+// float32 parameter, and three kernel launches per variable. This op reads
+// each element of (variable, gradient, m, v) once and writes (variable, m, v)
+// once: the 28 bytes per parameter that AdamW must move, with one op launch
+// for all variables. `tf_adamw/kernels.py` builds and loads it; the
+// optimizer uses it on CPU outside XLA and keeps the XLA step everywhere
+// else (TPU, GPU, inside `jit_compile=True` functions).
+//
+// The arithmetic follows `tf_adamw/update.py::adamw_update` operation by
+// operation (and is compiled with -ffp-contract=off), so both paths round
+// alike.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/platform/mutex.h"
+
+namespace tf_adamw {
+namespace {
+
+using ::tensorflow::DataType;
+using ::tensorflow::DataTypeString;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::Var;
+using ::tensorflow::core::RefCountPtr;
+
+REGISTER_OP("TfAdamwFusedApply")
+    .Input("variables: num_variables * resource")
+    .Input("momentums: num_variables * resource")
+    .Input("velocities: num_variables * resource")
+    .Input("velocity_hats: num_velocity_hats * resource")
+    .Input("grads: num_variables * float")
+    .Input("alpha: float")
+    .Input("one_minus_beta_1: float")
+    .Input("one_minus_beta_2: float")
+    .Input("epsilon: float")
+    .Input("decay: float")
+    .Attr("num_variables: int >= 1")
+    .Attr("num_velocity_hats: int >= 0")
+    .Attr("use_decay: list(bool)")
+    .SetIsStateful()
+    .SetShapeFn(::tensorflow::shape_inference::NoOutputs)
+    .Doc(R"doc(
+AdamW on a list of variables in one pass (tf_adamw's fused CPU step).
+
+For each i: if use_decay[i], variable -= variable * decay; then
+m += (g - m) * one_minus_beta_1; v += (g*g - v) * one_minus_beta_2;
+(AMSGrad) v_hat = max(v_hat, v); variable -= m * alpha / (sqrt(v or v_hat) +
+epsilon). Variables are float32, bfloat16 or float16 (updated in float32);
+slots and gradients are float32.
+)doc");
+
+struct Scalars {
+  float alpha, one_minus_beta_1, one_minus_beta_2, epsilon, decay;
+};
+
+// Elements [begin, end) of one variable. The loop body is adamw_update.
+template <typename T, bool kAmsgrad>
+void UpdateRange(T* __restrict__ var, const float* __restrict__ grad,
+                 float* __restrict__ m, float* __restrict__ v,
+                 float* __restrict__ v_hat, const Scalars& s, bool use_decay,
+                 int64_t begin, int64_t end) {
+  const float decay = s.decay;
+  for (int64_t j = begin; j < end; ++j) {
+    float x = static_cast<float>(var[j]);
+    // Not `x * 0` for excluded variables: that would turn an infinite x
+    // into NaN where the reference leaves it alone.
+    if (use_decay) x = x - x * decay;
+    const float g = grad[j];
+    const float new_m = m[j] + (g - m[j]) * s.one_minus_beta_1;
+    const float new_v = v[j] + (g * g - v[j]) * s.one_minus_beta_2;
+    m[j] = new_m;
+    v[j] = new_v;
+    float denominator_v = new_v;
+    if (kAmsgrad) {
+      denominator_v = std::max(v_hat[j], new_v);
+      v_hat[j] = denominator_v;
+    }
+    x = x - (new_m * s.alpha) / (std::sqrt(denominator_v) + s.epsilon);
+    var[j] = static_cast<T>(x);
+  }
+}
+
+// Everything one variable's update needs, checked and ready to write.
+struct Job {
+  DataType dtype;
+  void* var;
+  const float* grad;
+  float* m;
+  float* v;
+  float* v_hat;
+  bool use_decay;
+  int64_t size;
+};
+
+template <bool kAmsgrad>
+void RunRange(const Job& job, const Scalars& s, int64_t begin, int64_t end) {
+  switch (job.dtype) {
+    case ::tensorflow::DT_FLOAT:
+      UpdateRange<float, kAmsgrad>(static_cast<float*>(job.var), job.grad,
+                                   job.m, job.v, job.v_hat, s, job.use_decay,
+                                   begin, end);
+      break;
+    case ::tensorflow::DT_BFLOAT16:
+      UpdateRange<::tensorflow::bfloat16, kAmsgrad>(
+          static_cast<::tensorflow::bfloat16*>(job.var), job.grad, job.m,
+          job.v, job.v_hat, s, job.use_decay, begin, end);
+      break;
+    case ::tensorflow::DT_HALF:
+      UpdateRange<Eigen::half, kAmsgrad>(static_cast<Eigen::half*>(job.var),
+                                         job.grad, job.m, job.v, job.v_hat, s,
+                                         job.use_decay, begin, end);
+      break;
+    default:
+      break;  // Rejected before any job runs.
+  }
+}
+
+class FusedApplyOp : public OpKernel {
+ public:
+  explicit FusedApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_variables", &num_variables_));
+    OP_REQUIRES_OK(ctx,
+                   ctx->GetAttr("num_velocity_hats", &num_velocity_hats_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_decay", &use_decay_));
+    OP_REQUIRES(ctx,
+                num_velocity_hats_ == 0 || num_velocity_hats_ == num_variables_,
+                absl::InvalidArgumentError(
+                    "num_velocity_hats must be 0 or num_variables"));
+    OP_REQUIRES(ctx, static_cast<int>(use_decay_.size()) == num_variables_,
+                absl::InvalidArgumentError(
+                    "use_decay must have num_variables entries"));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const int n = num_variables_;
+    const bool amsgrad = num_velocity_hats_ > 0;
+    const int grads_start = 3 * n + num_velocity_hats_;
+    const int scalars_start = grads_start + n;
+
+    Scalars s;
+    float* const fields[] = {&s.alpha, &s.one_minus_beta_1,
+                             &s.one_minus_beta_2, &s.epsilon, &s.decay};
+    for (int k = 0; k < 5; ++k) {
+      const Tensor& t = ctx->input(scalars_start + k);
+      OP_REQUIRES(ctx, ::tensorflow::TensorShapeUtils::IsScalar(t.shape()),
+                  absl::InvalidArgumentError("hyperparameters must be scalars"));
+      *fields[k] = t.scalar<float>()();
+    }
+
+    // Look up every resource, then lock each distinct mutex once, in address
+    // order (the order TF's own training ops use, so no deadlock with them).
+    const int num_resources = 3 * n + num_velocity_hats_;
+    std::vector<RefCountPtr<Var>> resources(num_resources);
+    for (int i = 0; i < num_resources; ++i) {
+      Var* var = nullptr;
+      OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
+                              ctx, ::tensorflow::HandleFromInput(ctx, i),
+                              &var));
+      resources[i].reset(var);
+    }
+    std::vector<::tensorflow::mutex*> mutexes;
+    mutexes.reserve(num_resources);
+    for (auto& r : resources) mutexes.push_back(r->mu());
+    std::sort(mutexes.begin(), mutexes.end());
+    mutexes.erase(std::unique(mutexes.begin(), mutexes.end()), mutexes.end());
+    std::vector<::tensorflow::mutex_lock> locks;
+    locks.reserve(mutexes.size());
+    for (auto* mu : mutexes) locks.emplace_back(*mu);
+
+    std::vector<Job> jobs(n);
+    for (int i = 0; i < n; ++i) {
+      Var* var = resources[i].get();
+      OP_REQUIRES(ctx, var->is_initialized,
+                  absl::FailedPreconditionError(absl::StrCat(
+                      "variable ", i, " is not initialized")));
+      const DataType dtype = var->tensor()->dtype();
+      OP_REQUIRES(ctx,
+                  dtype == ::tensorflow::DT_FLOAT ||
+                      dtype == ::tensorflow::DT_BFLOAT16 ||
+                      dtype == ::tensorflow::DT_HALF,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "variable ", i, " has dtype ", DataTypeString(dtype),
+                      "; the fused step takes float32, bfloat16 or float16")));
+      const int64_t size = var->tensor()->NumElements();
+      const Tensor& grad = ctx->input(grads_start + i);
+      OP_REQUIRES(ctx, grad.NumElements() == size,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "gradient ", i, " has ", grad.NumElements(),
+                      " elements; its variable has ", size)));
+      Job& job = jobs[i];
+      job.dtype = dtype;
+      job.size = size;
+      job.grad = grad.flat<float>().data();
+      job.use_decay = use_decay_[i];
+      OP_REQUIRES_OK(ctx, Writable(ctx, var, dtype, &job.var));
+      void* slot = nullptr;
+      OP_REQUIRES_OK(ctx, WritableSlot(ctx, resources[n + i].get(), size,
+                                       "momentum", i, &slot));
+      job.m = static_cast<float*>(slot);
+      OP_REQUIRES_OK(ctx, WritableSlot(ctx, resources[2 * n + i].get(), size,
+                                       "velocity", i, &slot));
+      job.v = static_cast<float*>(slot);
+      job.v_hat = nullptr;
+      if (amsgrad) {
+        OP_REQUIRES_OK(ctx, WritableSlot(ctx, resources[3 * n + i].get(),
+                                         size, "velocity_hat", i, &slot));
+        job.v_hat = static_cast<float*>(slot);
+      }
+    }
+
+    // The concatenation of all variables is cut into one contiguous range of
+    // elements per thread; a step smaller than kMinPerThread elements per
+    // thread runs inline (thread hand-off would cost more than it saves).
+    constexpr int64_t kMinPerThread = 1 << 17;
+    std::vector<int64_t> starts(n + 1, 0);
+    for (int i = 0; i < n; ++i) starts[i + 1] = starts[i] + jobs[i].size;
+    const int64_t total = starts[n];
+    auto run_elements = [&](int64_t first, int64_t last) {
+      int i = static_cast<int>(
+          std::upper_bound(starts.begin(), starts.end(), first) -
+          starts.begin() - 1);
+      for (; i < n && starts[i] < last; ++i) {
+        const int64_t begin = std::max(first, starts[i]) - starts[i];
+        const int64_t end = std::min(last, starts[i + 1]) - starts[i];
+        if (begin >= end) continue;
+        if (amsgrad) {
+          RunRange<true>(jobs[i], s, begin, end);
+        } else {
+          RunRange<false>(jobs[i], s, begin, end);
+        }
+      }
+    };
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    const int64_t threads =
+        workers == nullptr ? 1
+                           : std::min<int64_t>(workers->num_threads,
+                                               total / kMinPerThread);
+    if (threads <= 1) {
+      run_elements(0, total);
+      return;
+    }
+    // Ranges are multiples of 16 elements (64-byte cache lines of float32).
+    const int64_t per_thread = ((total + threads - 1) / threads + 15) / 16 * 16;
+    workers->workers->ParallelFor(
+        threads, /*cost_per_unit=*/per_thread * 28,
+        [&](int64_t first_shard, int64_t last_shard) {
+          for (int64_t k = first_shard; k < last_shard; ++k) {
+            run_elements(k * per_thread, std::min(total, (k + 1) * per_thread));
+          }
+        });
+  }
+
+ private:
+  // A pointer to the variable's buffer that no reader shares (TF's
+  // copy-on-write rule for resource variables, as in training_op_helpers.h).
+  static absl::Status Writable(OpKernelContext* ctx, Var* var, DataType dtype,
+                               void** out) {
+    Tensor* tensor = var->tensor();
+    if (var->copy_on_read_mode.load() || !tensor->RefCountIsOne()) {
+      Tensor copy;
+      TF_RETURN_IF_ERROR(
+          ctx->allocate_temp(dtype, tensor->shape(), &copy));
+      std::copy_n(static_cast<const char*>(tensor->data()),
+                  tensor->TotalBytes(), static_cast<char*>(copy.data()));
+      *tensor = copy;
+    }
+    *out = tensor->data();
+    return absl::OkStatus();
+  }
+
+  static absl::Status WritableSlot(OpKernelContext* ctx, Var* slot,
+                                   int64_t size, const char* kind, int i,
+                                   void** out) {
+    if (!slot->is_initialized) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(kind, " of variable ", i, " is not initialized"));
+    }
+    if (slot->tensor()->dtype() != ::tensorflow::DT_FLOAT ||
+        slot->tensor()->NumElements() != size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          kind, " of variable ", i, " must be float32 with ", size,
+          " elements; it is ", DataTypeString(slot->tensor()->dtype()),
+          " with ", slot->tensor()->NumElements()));
+    }
+    return Writable(ctx, slot, ::tensorflow::DT_FLOAT, out);
+  }
+
+  int num_variables_;
+  int num_velocity_hats_;
+  std::vector<bool> use_decay_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("TfAdamwFusedApply")
+                            .Device(::tensorflow::DEVICE_CPU)
+                            .HostMemory("alpha")
+                            .HostMemory("one_minus_beta_1")
+                            .HostMemory("one_minus_beta_2")
+                            .HostMemory("epsilon")
+                            .HostMemory("decay"),
+                        FusedApplyOp);
+
+}  // namespace
+}  // namespace tf_adamw
