@@ -88,11 +88,12 @@ def test_step_graph_holds_one_fused_op():
 
     graph = step.get_concrete_function(
         [tf.TensorSpec(s, tf.float32) for s in SHAPES]).graph
-    ops = [op.type for f in graph._functions.values()  # pylint: disable=protected-access
-           for op in f.graph.get_operations()]
+    # Traced into the caller's graph, not a nested function.
+    ops = [op.type for op in graph.get_operations()]
     assert ops.count("TfAdamwFusedApply") == 1, ops
-    # No per-variable update ops around it.
+    # No per-variable update ops around it, no function call.
     assert "AssignVariableOp" not in ops, ops
+    assert "StatefulPartitionedCall" not in ops, ops
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])

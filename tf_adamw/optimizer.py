@@ -24,6 +24,12 @@ from tf_adamw import kernels
 from tf_adamw import schedules
 from tf_adamw import update as adamw_math
 
+# The public methods a user's `tf.function` calls. Autograph would otherwise
+# re-compile their source (and all they call) on every trace: 7 s of a 12 s
+# first call for 256 variables. They hold no Python control flow on tensors
+# (branches are explicit `tf.cond`s), so the conversion would change nothing.
+_not_converted = tf.autograph.experimental.do_not_convert
+
 _SLOT_KINDS = (
     "momentum", "velocity", "velocity_hat", "average", "accumulator"
 )
@@ -554,6 +560,7 @@ class AdamW(tf.Module):
                 return False
         return True
 
+    @_not_converted
     def build(self, var_list):
         """Creates the slots for `var_list` (under the current strategy).
 
@@ -730,6 +737,7 @@ class AdamW(tf.Module):
     # ------------------------------------------------------------------
     # Applying gradients.
 
+    @_not_converted
     def apply_gradients(self, grads_and_vars, name=None,
                         skip_gradients_aggregation=False, **kwargs):
         """Applies `(gradient, variable)` pairs; returns `iterations`.
@@ -761,6 +769,7 @@ class AdamW(tf.Module):
         return self.apply(list(grads), list(variables),
                           skip_gradients_aggregation=skip_gradients_aggregation)
 
+    @_not_converted
     def apply(self, grads, trainable_variables=None,
               skip_gradients_aggregation=False):
         """Applies `grads` to `trainable_variables` (or the built list).
@@ -892,14 +901,7 @@ class AdamW(tf.Module):
         external = self._external_hyperparameters()
         kind = self._step_kind()
         if not tf.distribute.has_strategy():
-            if (kind == "fused" and tf.executing_eagerly()
-                    and self._only_fused_ops()):
-                # One kernel and a few scalar ops: running them eagerly
-                # costs less than a function call with every variable's
-                # handle as an input.
-                self._update_step(grads, external, fused=True)
-            else:
-                self._step_function(kind)(grads, external)
+            self._run_step(kind, grads, external)
             return self._iterations
         indices = [i for i, g in enumerate(grads) if g is not None]
         present = []
@@ -916,7 +918,7 @@ class AdamW(tf.Module):
             full = [None] * len(grads)
             for i, g in zip(indices, present_grads):
                 full[i] = g
-            return self._step_function(kind)(full, external)
+            return self._run_step(kind, full, external)
 
         if tf.distribute.in_cross_replica_context():
             if any(distribute.is_distributed(g) for g in present):
@@ -939,6 +941,20 @@ class AdamW(tf.Module):
         tf.__internal__.distribute.interim.maybe_merge_call(
             update_every_replica, strategy, present, external)
         return self._iterations
+
+    def _run_step(self, kind, grads, external):
+        """Runs the step of `kind` on this replica's (or device's) copies."""
+        if kind != "xla" and not tf.executing_eagerly():
+            # Traced straight into the caller's graph: a nested function
+            # would capture every variable handle twice (a placeholder in
+            # each graph) and add a call op with all of them as inputs.
+            return self._update_step(grads, external, fused=kind == "fused")
+        if kind == "fused" and self._only_fused_ops():
+            # One kernel and a few scalar ops: running them eagerly costs
+            # less than a function call with every variable's handle as an
+            # input.
+            return self._update_step(grads, external, fused=True)
+        return self._step_function(kind)(grads, external)
 
     def _only_fused_ops(self):
         """True when the step has no per-variable op but the kernel."""
@@ -1177,12 +1193,14 @@ class AdamW(tf.Module):
     # ------------------------------------------------------------------
     # The rest of the Keras API.
 
+    @_not_converted
     def scale_loss(self, loss):
         """Multiplies `loss` by `loss_scale_factor` (if set)."""
         if self._loss_scale_factor is not None:
             return loss * tf.cast(self._loss_scale_factor, loss.dtype)
         return loss
 
+    @_not_converted
     def finalize_variable_values(self, var_list):
         """Writes the EMA averages into `var_list` (when `use_ema`).
 
