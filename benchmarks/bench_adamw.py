@@ -201,9 +201,10 @@ def _tf_state_bytes(variables):
 
 
 class OursEager(Impl):
-    key, label = "ours_eager", "tf_adamw.AdamW (eager apply, XLA inside)"
+    key, label = "ours_eager", "tf_adamw.AdamW (eager apply; fused kernel)"
     needs = ("tensorflow", "tf_adamw")
     jit = True
+    fused = None  # the default: the fused CPU kernel
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -215,8 +216,9 @@ class OursEager(Impl):
         import tf_adamw
         self.opt = tf_adamw.AdamW(learning_rate=LR, weight_decay=WD,
                                   beta_1=B1, beta_2=B2, epsilon=EPS,
-                                  jit_compile=self.jit)
+                                  jit_compile=self.jit, fused=self.fused)
         self.opt.build(self.vars)
+        assert self.opt.uses_fused_kernel == (self.fused is None), self.key
 
     def first(self):
         self._make()
@@ -230,7 +232,8 @@ class OursEager(Impl):
 
 
 class OursFunction(OursEager):
-    key, label = "ours_tffn", "tf_adamw.AdamW (inside user tf.function)"
+    key, label = ("ours_tffn",
+                  "tf_adamw.AdamW (inside user tf.function; fused kernel)")
 
     def first(self):
         import tensorflow as tf
@@ -247,9 +250,17 @@ class OursFunction(OursEager):
         return self.fn().numpy()
 
 
+class OursXla(OursFunction):
+    key, label = ("ours_xla", "tf_adamw.AdamW(fused=False): its XLA step "
+                  "(the TPU/GPU path), inside user tf.function")
+    fused = False
+
+
 class OursNoJit(OursFunction):
-    key, label = "ours_nojit", "tf_adamw.AdamW (jit_compile=False, tf.function)"
+    key, label = ("ours_nojit", "tf_adamw.AdamW(fused=False, "
+                  "jit_compile=False), inside user tf.function")
     jit = False
+    fused = False
 
 
 class KerasBase(Impl):
@@ -557,10 +568,11 @@ class FloorJax(FloorBase):
         self.a.block_until_ready()
 
 
-IMPLS = [OursEager, OursFunction, OursNoJit, KerasGraph, KerasXla, TfKeras,
+IMPLS = [OursEager, OursFunction, OursXla, OursNoJit, KerasGraph, KerasXla,
+         TfKeras,
          RawAdam, RawAdamDecay, TorchFused, TorchFused1Thread, Optax,
          FloorXlaTf, FloorNumpy, FloorTorch, FloorJax]
-OURS = ("ours_eager", "ours_tffn")
+OURS = ("ours_eager", "ours_tffn", "ours_xla")
 EXTRAS = {"ours_nojit"}  # run with --all (or --only)
 
 

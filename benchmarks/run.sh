@@ -28,6 +28,9 @@ if [ ! -f "$STAMP" ]; then
     || echo "run.sh: jax/optax not installed; benchmarking without them" >&2
   touch "$STAMP"
 fi
+# tf_adamw's fused CPU kernel, compiled for this venv's TensorFlow (once;
+# cached by source, TF and CPU), so no timed first call pays for it.
+"$VENV/bin/python" -m tf_adamw.kernels >/dev/null
 has_out=0
 for a in "$@"; do case "$a" in --out|--out=*) has_out=1 ;; esac; done
 if [ "$has_out" = 1 ]; then

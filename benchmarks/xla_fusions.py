@@ -159,8 +159,10 @@ def run_step(impl, layout, dump_dir):
         import tensorflow as tf
         import tf_adamw
         variables = [tf.Variable(x) for x in init]
+        # fused=False: the XLA step (what TPUs and GPUs run); on CPU the
+        # default step is the fused kernel, which XLA does not compile.
         opt = tf_adamw.AdamW(learning_rate=LR, weight_decay=WD, beta_1=B1,
-                             beta_2=B2, epsilon=EPS)
+                             beta_2=B2, epsilon=EPS, fused=False)
         opt.apply([tf.constant(g) for g in grads], variables).numpy()
         pattern = "*update_step*cpu_after_optimizations.txt"
     elif impl == "keras_xla":
