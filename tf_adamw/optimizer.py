@@ -49,7 +49,7 @@ class _Untracked:
         self.index = {}  # variable key -> position in var_list
         self.use_decay = []  # per variable: weight decay applies
         self.compute_dtypes = []  # per variable: dtype of its slots and math
-        self.shapes = []  # per variable: its shape as a tuple (None if partial)
+        self.shapes = []  # per variable: shape tuple (None if not fully known)
         # The step as a `tf.function`, one per kind (see `_step_kind`),
         # built lazily.
         self.step_fns = {}
