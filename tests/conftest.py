@@ -68,8 +68,9 @@ def tpu_like_strategy():
 def step_traces(optimizer):
     """How many times the optimizer's step functions have been traced.
 
-    Eager steps on the fused kernel run without a step function, so a purely
-    eager run counts 0.
+    Counts every kind (`AdamW._step_function`): an eager fused step traces
+    only its small scalars function; a fused step inside a `tf.function` is
+    traced into that function's graph and counts 0.
     """
     # pylint: disable=protected-access
     return sum(f.experimental_get_tracing_count()

@@ -964,16 +964,21 @@ class AdamW(tf.Module):
             or self._clipnorm or self._clipvalue or self._global_clipnorm)
 
     def _step_function(self, kind):
-        """The whole step as a `tf.function` of `kind` (`_step_kind`)."""
+        """The step as a `tf.function` of `kind` (`_step_kind`).
+
+        Also `kind="scalars"`: `_step_scalars` alone, for eager fused steps.
+        """
         u = self._untracked
         if kind not in u.step_fns:
             # autograph=False: the step has no Python control flow on
             # tensors (branches are explicit tf.conds), and autograph's
             # source conversion dominated tracing time (15 s for 200
             # variables).
+            function = {"fused": self._fused_update_step,
+                        "scalars": self._step_scalars}.get(
+                            kind, self._update_step)
             u.step_fns[kind] = tf.function(
-                self._fused_update_step if kind == "fused"
-                else self._update_step,
+                function,
                 jit_compile=self._jit_compile if kind == "xla" else False,
                 reduce_retracing=True, autograph=False)
         return u.step_fns[kind]
@@ -1079,6 +1084,26 @@ class AdamW(tf.Module):
                 local(self._skipped_steps) if self._skip_nonfinite else None),
         }
 
+    def _step_scalars(self, iterations, external, dtype):
+        """The step's scalars in `dtype`, at `iterations` (a local copy)."""
+        local = distribute.local
+        hyper = {
+            "lr": external["lr"] if "lr" in external else tf.convert_to_tensor(
+                local(self._current_learning_rate(iterations))),
+            "weight_decay": tf.convert_to_tensor(local(self._weight_decay)),
+        }
+        for name in ("beta_1", "beta_2", "epsilon"):
+            hyper[name] = external[name] if name in external else (
+                tf.convert_to_tensor(local(getattr(self, "_" + name))))
+        s = {k: tf.cast(v, dtype) for k, v in hyper.items()}
+        step = tf.cast(iterations + 1, dtype)
+        s["alpha"] = adamw_math.step_size(
+            s["lr"], s["beta_1"], s["beta_2"], step)
+        s["decay"] = s["weight_decay"] * s["lr"]
+        s["one_minus_beta_1"] = 1 - s["beta_1"]
+        s["one_minus_beta_2"] = 1 - s["beta_2"]
+        return s
+
     def _apply_update(self, state, grads):
         """Steps 4-8 on the (mean) gradients `grads`: {index: tensor}."""
         order = sorted(grads)
@@ -1098,27 +1123,19 @@ class AdamW(tf.Module):
         # Hyperparameters at `iterations` (before its increment), cast once
         # per compute dtype.
         external = state["external"]
-        local = distribute.local
-        hyper = {
-            "lr": external["lr"] if "lr" in external else tf.convert_to_tensor(
-                local(self._current_learning_rate(iterations))),
-            "weight_decay": tf.convert_to_tensor(local(self._weight_decay)),
-        }
-        for name in ("beta_1", "beta_2", "epsilon"):
-            hyper[name] = external[name] if name in external else (
-                tf.convert_to_tensor(local(getattr(self, "_" + name))))
         scalars = {}
 
         def scalars_for(dtype):
             if dtype not in scalars:
-                s = {k: tf.cast(v, dtype) for k, v in hyper.items()}
-                step = tf.cast(iterations + 1, dtype)
-                s["alpha"] = adamw_math.step_size(
-                    s["lr"], s["beta_1"], s["beta_2"], step)
-                s["decay"] = s["weight_decay"] * s["lr"]
-                s["one_minus_beta_1"] = 1 - s["beta_1"]
-                s["one_minus_beta_2"] = 1 - s["beta_2"]
-                scalars[dtype] = s
+                if tf.executing_eagerly():
+                    # One small function call instead of ~20 eager op
+                    # dispatches (~30 us each here): a third of an eager
+                    # fused step on 200 small variables.
+                    scalars[dtype] = self._step_function("scalars")(
+                        iterations, external, dtype)
+                else:
+                    scalars[dtype] = self._step_scalars(
+                        iterations, external, dtype)
             return scalars[dtype]
 
         variables = state["variables"]
