@@ -1,4 +1,4 @@
-"""Packaging for tf_adamw: Keras's AdamW as a jit-compiled `tf.Module`."""
+"""Packaging for tf_adamw: Keras's AdamW as a fused or XLA `tf.Module`."""
 
 import setuptools
 

@@ -174,3 +174,17 @@ def test_later_config_files_win(tmp_path):
         [os.path.join(CONFIG_DIR, "cpu_local.yaml"), extra])
     assert config.trainer.train_steps == 1000
     assert config.task.model.d_model == 128  # from cpu_local.yaml
+
+
+@pytest.mark.parametrize("fused_kernel", [True, False])
+def test_fused_kernel_setting_reaches_the_optimizer(fused_kernel):
+    """`task.optimizer.fused_kernel: false` gives the XLA step."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from tf_adamw.train import loop  # pylint: disable=g-import-not-at-top
+    config = config_lib.load(
+        os.path.join(CONFIG_DIR, "cpu_local.yaml"),
+        f"task.optimizer.fused_kernel={str(fused_kernel).lower()}")
+    assert config.task.optimizer.fused_kernel is fused_kernel
+    optimizer = loop.Run(config).make_optimizer()
+    optimizer.build([tf.Variable([1.0, 2.0], name="kernel")])
+    assert optimizer.uses_fused_kernel is fused_kernel

@@ -1,4 +1,4 @@
-"""tf_adamw: Keras's AdamW as a jit-compiled, tf.distribute-correct tf.Module.
+"""tf_adamw: Keras's AdamW as a fused/XLA, tf.distribute-correct tf.Module.
 
 Public API:
     AdamW: the optimizer.

@@ -1,11 +1,16 @@
-"""`AdamW`: Keras 3's AdamW as a jit-compiled, checkpointable `tf.Module`.
+"""`AdamW`: Keras 3's AdamW as a fused or XLA-compiled `tf.Module`.
 
-The update math lives in `tf_adamw.update` (pure functions). This module owns
-the state (slots, EMA averages, accumulators, counters, hyperparameters) and
-runs one step's pipeline in `AdamW._update_step`, in the order of SPEC.md:
+The update math lives in `tf_adamw.update` (pure functions) and, for CPU, in
+the fused kernel `tf_adamw/cc/fused_adamw.cc` (`tf_adamw.kernels`), which does
+the same operations for all variables in one pass. This module owns the state
+(slots, EMA averages, accumulators, counters, hyperparameters) and runs one
+step's pipeline in `AdamW._update_step`, in the order of SPEC.md:
 
     (all-reduce) -> unscale -> accumulate -> clip -> weight decay -> Adam
     -> EMA (+ overwrite) -> iterations += 1
+
+`AdamW._step_kind` decides per call whether weight decay + Adam run as the
+fused kernel or as TF ops (compiled by XLA, or plain for SavedModels).
 """
 
 import re
@@ -112,8 +117,9 @@ class AdamW(tf.Module):
 
     AdamW is Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
     This class has the signature, defaults and meaning of
-    `keras.optimizers.AdamW` (Keras 3) and runs the whole variable list's
-    update as one `tf.function`, compiled by XLA by default. It is a
+    `keras.optimizers.AdamW` (Keras 3). On CPU the whole variable list's
+    update is one fused kernel (one pass over memory); elsewhere (TPU, GPU,
+    inside `jit_compile=True`) it is one XLA-compiled `tf.function`. It is a
     `tf.Module`: `tf.train.Checkpoint` and SavedModel track its state.
 
     Args:
@@ -694,7 +700,8 @@ class AdamW(tf.Module):
 
         False before `build()`, with `fused=False`, and when the kernel cannot
         run the variables (see `fused` in the class docstring). Steps traced
-        inside XLA or for a SavedModel use the XLA step regardless.
+        inside XLA use the XLA step regardless, and steps traced for a
+        SavedModel its plain-op twin (`_step_kind`).
         """
         return self.built and self._untracked.fused_blocker is None
 
@@ -873,14 +880,14 @@ class AdamW(tf.Module):
         return grad
 
     def _dispatch(self, grads, aggregate=True):
-        """Runs the compiled step on `grads` (aligned with the built list).
+        """Runs the step on `grads` (aligned with the built list).
 
-        One device: the compiled step runs once. Under a strategy, in a
-        replica context: gradients are summed across replicas (unless
-        `aggregate` is False), then every replica runs the compiled step on
-        its own copies. In a cross-replica context: per-replica gradients are
-        summed, plain tensors are taken as the global gradients, and the step
-        runs once per replica.
+        One device: the step runs once. Under a strategy, in a replica
+        context: gradients are summed across replicas (unless `aggregate` is
+        False), then every replica runs the step on its own copies. In a
+        cross-replica context: per-replica gradients are summed, plain
+        tensors are taken as the global gradients, and the step runs once per
+        replica.
         """
         u = self._untracked
         strategy = tf.distribute.get_strategy()

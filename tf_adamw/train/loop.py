@@ -106,6 +106,8 @@ class Run:
     def make_optimizer(self):
         o = self.config.task.optimizer
         kwargs = {"jit_compile": o.jit_compile}
+        if not o.fused_kernel:
+            kwargs["fused"] = False
         if o.skip_nonfinite_gradients:
             kwargs["skip_nonfinite_gradients"] = True
         optimizer = tf_adamw.AdamW(
