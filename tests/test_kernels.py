@@ -144,26 +144,20 @@ def test_a_value_read_before_the_step_is_not_overwritten():
     np.testing.assert_array_equal(momentum.numpy(), snapshot[1])
 
 
-def test_op_rejects_a_gradient_of_the_wrong_size():
-    variable = tf.Variable(tf.zeros([4]))
-    m, v = tf.Variable(tf.zeros([4])), tf.Variable(tf.zeros([4]))
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="gradient 0 has 3 elements; its variable has 4"):
-        kernels.fused_apply([variable], [m], [v], [], [tf.zeros([3])],
-                            alpha=0.1, one_minus_beta_1=0.1,
+@pytest.mark.parametrize("variable,grad,message", [
+    (tf.zeros([4]), tf.zeros([3]),
+     "gradient 0 has 3 elements; its variable has 4"),
+    (tf.zeros([2], tf.float64), tf.zeros([2]), "variable 0 has dtype double"),
+])
+def test_op_rejects_bad_inputs_with_a_clear_message(variable, grad, message):
+    """Called directly (the optimizer never passes these)."""
+    size = variable.shape[0]
+    slots = [tf.Variable(tf.zeros([size])) for _ in range(2)]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        kernels.fused_apply([tf.Variable(variable)], slots[:1], slots[1:], [],
+                            [grad], alpha=0.1, one_minus_beta_1=0.1,
                             one_minus_beta_2=0.001, epsilon=1e-7, decay=0.0,
                             use_decay=[True])
-
-
-def test_op_rejects_a_float64_variable():
-    variable = tf.Variable(tf.zeros([2], tf.float64))
-    m, v = tf.Variable(tf.zeros([2])), tf.Variable(tf.zeros([2]))
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="variable 0 has dtype double"):
-        kernels.fused_apply([variable], [m], [v], [], [tf.zeros([2])],
-                            alpha=0.1, one_minus_beta_1=0.1,
-                            one_minus_beta_2=0.001, epsilon=1e-7, decay=0.0,
-                            use_decay=[False])
 
 
 def test_float64_variables_take_the_xla_step():

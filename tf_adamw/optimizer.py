@@ -164,8 +164,9 @@ class AdamW(tf.Module):
             see `tf_adamw.kernels`) wherever it can run and the XLA step
             elsewhere; True makes `build()` fail if the kernel cannot run
             these variables; False always uses the XLA step. Inside a
-            `jit_compile=True` function, on TPU or while a SavedModel is
-            being traced the XLA step is always used.
+            `jit_compile=True` function and on TPU the XLA step is always
+            used; while a SavedModel is traced, the same pipeline as plain
+            TF ops (no custom op in the SavedModel).
             `jit_compile` (bool, default True): compile the non-fused step
             with XLA; set False to debug. `skip_nonfinite_gradients` (bool,
             default False, Keras's behaviour): when True, a call whose
@@ -1136,8 +1137,8 @@ class AdamW(tf.Module):
             if dtype not in scalars:
                 if tf.executing_eagerly():
                     # One small function call instead of ~20 eager op
-                    # dispatches (~30 us each here): a third of an eager
-                    # fused step on 200 small variables.
+                    # dispatches (~30 us each here): ~0.3 ms of a 2.5 ms
+                    # eager fused step on 200 small variables.
                     scalars[dtype] = self._step_function("scalars")(
                         iterations, external, dtype)
                 else:
