@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command: sets up .venv-bench (once) and runs the AdamW benchmark.
 #
-#   bash benchmarks/run.sh                       # full run, ~10 min on 2 cores
+#   bash benchmarks/run.sh                       # full run, ~5.5 min on 2 cores
 #   bash benchmarks/run.sh --quick               # smoke run
 #   bash benchmarks/run.sh --layouts B --rounds 3 --steps 10
 #   bash benchmarks/run.sh --memory subprocess   # + per-implementation peak
