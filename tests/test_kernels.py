@@ -24,9 +24,9 @@ from tf_adamw import kernels
 SHAPES = [(37, 23), (23,), (5,), (600, 600)]  # the last one is threaded
 
 
-def _initial(dtype):
+def _initial():
     rng = np.random.default_rng(0)
-    return [rng.normal(size=s).astype(np.float32) for s in SHAPES], dtype
+    return [rng.normal(size=s).astype(np.float32) for s in SHAPES]
 
 
 def _grads(step, sparse):
@@ -44,7 +44,7 @@ def _grads(step, sparse):
 
 def _train(mode, dtype="float32", steps=4, sparse=False, **kwargs):
     """Runs `steps` steps; returns (optimizer, every variable and slot)."""
-    values, _ = _initial(dtype)
+    values = _initial()
     variables = [tf.Variable(tf.cast(v, dtype)) for v in values]
     opt = AdamW(learning_rate=0.01, weight_decay=0.1, **kwargs)
     opt.exclude_from_weight_decay(var_list=[variables[1]])

@@ -658,7 +658,7 @@ class AdamW(tf.Module):
                     else None for v in u.tf_vars]
         u.strategy = strategy
         u.distributed = tf.distribute.has_strategy()
-        u.fused_blocker = self._fused_blocker(u.tf_vars)
+        u.fused_blocker = self._fused_blocker(u.tf_vars, u.compute_dtypes)
         if self._fused and u.fused_blocker:
             raise ValueError(
                 "Argument `fused=True`, but the fused AdamW kernel cannot run "
@@ -675,12 +675,12 @@ class AdamW(tf.Module):
         self._accumulators.extend(slots["accumulator"])
         self.built = True
 
-    def _fused_blocker(self, tf_vars):
+    def _fused_blocker(self, tf_vars, compute_dtypes):
         """Why the fused kernel cannot update `tf_vars`, or None."""
         if self._fused is False:
             return "`fused=False`"
-        for variable in tf_vars:
-            if adamw_math.compute_dtype(variable.dtype) != tf.float32:
+        for variable, dtype in zip(tf_vars, compute_dtypes):
+            if dtype != tf.float32:
                 return (f"variable {variable.name!r} has dtype "
                         f"{variable.dtype.name} (the kernel updates float32, "
                         "bfloat16 and float16 variables)")
@@ -919,7 +919,7 @@ class AdamW(tf.Module):
                 # Reduce (and copy between devices) in the compute dtype.
                 variable = u.tf_vars[i]
                 g = tf.cast(adamw_math.densify(g, variable.shape),
-                            adamw_math.compute_dtype(variable.dtype))
+                            u.compute_dtypes[i])
             present.append(g)
 
         def run_on_this_replica(_, present_grads, external):
@@ -1166,7 +1166,7 @@ class AdamW(tf.Module):
         else:
             for i in order:
                 variable = variables[i]
-                dtype = adamw_math.compute_dtype(variable.dtype)
+                dtype = self._untracked.compute_dtypes[i]
                 s = scalars_for(dtype)
                 # Steps 5 and 6: weight decay, then Adam, in one expression.
                 # Each variable is read once (every use of a tf.Variable in an
