@@ -144,17 +144,24 @@ def test_a_value_read_before_the_step_is_not_overwritten():
     np.testing.assert_array_equal(momentum.numpy(), snapshot[1])
 
 
-@pytest.mark.parametrize("variable,grad,message", [
-    (tf.zeros([4]), tf.zeros([3]),
+@pytest.mark.parametrize("variable,grad,slot_index,slot_size,message", [
+    (tf.zeros([4]), tf.zeros([3]), 0, 4,
      "gradient 0 has 3 elements; its variable has 4"),
-    (tf.zeros([2], tf.float64), tf.zeros([2]), "variable 0 has dtype double"),
+    (tf.zeros([2], tf.float64), tf.zeros([2]), 0, 2,
+     "variable 0 has dtype double"),
+    (tf.zeros([2]), tf.zeros([2]), 1, 2,
+     "slot index 1 of variable 0 is outside the slot table of 1 variables"),
+    (tf.zeros([2]), tf.zeros([2]), 0, 3,
+     "momentum of variable 0 must be float32 with 2 elements; it is float "
+     "with 3"),
 ])
-def test_op_rejects_bad_inputs_with_a_clear_message(variable, grad, message):
+def test_op_rejects_bad_inputs_with_a_clear_message(
+        variable, grad, slot_index, slot_size, message):
     """Called directly (the optimizer never passes these)."""
-    size = variable.shape[0]
-    slots = [tf.Variable(tf.zeros([size])) for _ in range(2)]
+    slots = [tf.Variable(tf.zeros([slot_size])) for _ in range(2)]
+    table = kernels.slot_table(slots[:1], slots[1:], [])
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
-        kernels.fused_apply([tf.Variable(variable)], slots[:1], slots[1:], [],
+        kernels.fused_apply([tf.Variable(variable)], table, [slot_index],
                             [grad], alpha=0.1, one_minus_beta_1=0.1,
                             one_minus_beta_2=0.001, epsilon=1e-7, decay=0.0,
                             use_decay=[True])
