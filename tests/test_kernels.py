@@ -13,6 +13,7 @@
 """
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -110,6 +111,108 @@ def test_fused_equals_tf_ops_bit_for_bit(mode, dtype, amsgrad, sparse):
                           fused=False, jit_compile=False)
     assert fused_opt.uses_fused_kernel and not ops_opt.uses_fused_kernel
     _assert_identical(fused, ops, f"{mode} {dtype} amsgrad={amsgrad}")
+
+
+def test_a_step_function_captures_one_slot_table_not_the_slots():
+    """The kernel reaches the slots through the optimizer's table: a
+    function running the step has one input for all slots."""
+    variables = [tf.Variable(tf.zeros(s)) for s in SHAPES]
+    opt = AdamW(amsgrad=True)
+    opt.build(variables)
+
+    @tf.function
+    def step(grads):
+        opt.apply(grads, variables)
+
+    captured = step.get_concrete_function(
+        [tf.TensorSpec(s, tf.float32) for s in SHAPES]).captured_inputs
+    captured_ids = {id(t) for t in captured}
+    slots = [s for v in variables for s in opt.slots_for(v).values()]
+    assert len(slots) == 3 * len(variables)
+    assert not captured_ids & {id(s.handle) for s in slots}
+    assert {id(v.handle) for v in variables} <= captured_ids
+    # The variables, the table, iterations and five hyperparameters.
+    assert len(captured) == len(variables) + 7, captured
+
+
+def test_slots_for_inside_a_fused_step_function_warns():
+    """Such reads are not ordered with the kernel (it uses the table)."""
+    variable = tf.Variable([1.0, 2.0])
+    opt = AdamW()
+    opt.build([variable])
+
+    @tf.function
+    def step():
+        momentum = opt.slots_for(variable)["momentum"]
+        opt.apply([tf.ones([2])], [variable])
+        return momentum.read_value()
+
+    with pytest.warns(UserWarning, match="not ordered with the step"):
+        step()
+    xla_opt = AdamW(fused=False)
+    xla_opt.build([variable])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tf.function(lambda: xla_opt.slots_for(variable)["momentum"] + 1)()
+        opt.slots_for(variable)  # eager
+
+
+def _step_after_assigning_slots(mode, **kwargs):
+    """One step, new values assigned to every slot, one more step."""
+    variables = [tf.Variable(v) for v in _initial()]
+    opt = AdamW(learning_rate=0.01, amsgrad=True, **kwargs)
+
+    def step(grads):
+        opt.apply_gradients(zip(grads, variables))
+
+    if mode == "function":
+        step = tf.function(step)
+    step(_grads(0, False))
+    rng = np.random.default_rng(7)
+    for v in variables:
+        for slot in opt.slots_for(v).values():
+            slot.assign(rng.uniform(0.0, 1.0, slot.shape).astype(np.float32))
+    step(_grads(1, False))
+    return [x.numpy() for v in variables
+            for x in [v] + list(opt.slots_for(v).values())]
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_the_kernel_sees_slot_values_assigned_after_build(mode):
+    """As after a checkpoint restore into a built optimizer: the table
+    holds the slot variables themselves, not their buffers."""
+    _assert_identical(
+        _step_after_assigning_slots(mode),
+        _step_after_assigning_slots(mode, fused=False, jit_compile=False),
+        mode)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_variables_without_gradients_keep_their_slots(mode):
+    def run(**kwargs):
+        variables = [tf.Variable(v) for v in _initial()]
+        opt = AdamW(learning_rate=0.01, **kwargs)
+
+        def step(grads):
+            opt.apply_gradients(zip(grads, variables))
+
+        if mode == "function":
+            step = tf.function(step)
+        with pytest.warns(UserWarning, match="Gradients do not exist"):
+            for i in range(2):
+                grads = _grads(i, False)
+                step([grads[0], None, grads[2], None])
+        return opt, variables, [x.numpy() for v in variables
+                                for x in [v] + list(opt.slots_for(v).values())]
+
+    fused_opt, variables, fused = run()
+    assert fused_opt.uses_fused_kernel
+    _, _, ops = run(fused=False, jit_compile=False)
+    _assert_identical(fused, ops, mode)
+    for i in (1, 3):
+        np.testing.assert_array_equal(variables[i].numpy(), _initial()[i])
+        for slot in fused_opt.slots_for(variables[i]).values():
+            assert not np.any(slot.numpy())
 
 
 def test_fused_matches_xla_to_rounding():

@@ -64,6 +64,8 @@ class _Untracked:
         # Device -> the kernel's table of that device's slot copies
         # (`kernels.slot_table`), made at build() when the kernel can run.
         self.slot_tables = {}
+        # `_local_state()` of an optimizer on one device, made once.
+        self.own_state = None
         self.given = {}  # hyperparameter name -> the Python float given
         self.own = {}  # hyperparameter name -> the variable we created
         self.strategy = None  # the tf.distribute strategy of build()
@@ -365,11 +367,20 @@ class AdamW(tf.Module):
         # variable the user passed as a hyperparameter stays theirs.
         out.extend(self._untracked.own.values())
         for i in range(len(self._untracked.var_list)):
-            out.extend(self.slots_for(self._untracked.var_list[i]).values())
+            out.extend(self._slots(i).values())
         return out
 
     def slots_for(self, variable):
         """The optimizer state of one model variable, by slot name.
+
+        With the fused kernel (`uses_fused_kernel`), the step reaches
+        `momentum`, `velocity` and `velocity_hat` through a table the
+        optimizer holds, not through these variables' handles, so inside one
+        `tf.function` TF does not order your reads or writes of them with
+        the step. Read or assign them outside the function that applies
+        gradients (eager code, another `tf.function`, a checkpoint), or use
+        `fused=False`. Calling this while a function that would run the
+        fused step is traced warns.
 
         Args:
             variable: a variable this optimizer was built with.
@@ -380,6 +391,17 @@ class AdamW(tf.Module):
             those are in use.
         """
         i = self._index_of(variable)
+        if not tf.executing_eagerly() and self._step_kind() == "fused":
+            warnings.warn(
+                "`slots_for()` called inside a `tf.function`: the fused "
+                "kernel updates momentum and velocity through the "
+                "optimizer's slot table, so reads or writes of them in a "
+                "function that also applies gradients are not ordered with "
+                "the step. Read them outside that function, or create the "
+                "optimizer with `fused=False`.")
+        return self._slots(i)
+
+    def _slots(self, i):
         out = {"momentum": self._momentums[i],
                "velocity": self._velocities[i]}
         if self._amsgrad:
@@ -845,9 +867,13 @@ class AdamW(tf.Module):
             )
         if not self.built:
             self.build(variables)
+        aggregate = not check.boolean(
+            "skip_gradients_aggregation", skip_gradients_aggregation)
         u = self._untracked
         if len(variables) == len(u.var_list) and all(
                 a is b for a, b in zip(variables, u.var_list)):
+            if self._as_built(grads):
+                return self._dispatch(grads, aggregate=aggregate)
             indices = range(len(variables))  # the built list, in order
         else:
             indices = [self._index_of(v) for v in variables]
@@ -868,15 +894,27 @@ class AdamW(tf.Module):
                 f"Gradients do not exist for variables {missing} when "
                 "minimizing the loss; they are skipped."
             )
-        return self._dispatch(
-            full, aggregate=not check.boolean(
-                "skip_gradients_aggregation", skip_gradients_aggregation))
+        return self._dispatch(full, aggregate=aggregate)
+
+    def _as_built(self, grads):
+        """True when `grads` are dense tensors of exactly the built shapes
+        and compute dtypes, one per built variable: the common case, checked
+        in bulk (eager steps of many small variables are bound by this
+        Python; DTypes are interned, so the list comparison is by identity).
+        """
+        u = self._untracked
+        try:
+            return ([g._shape_tuple() for g in grads] == u.shapes  # pylint: disable=protected-access
+                    and [g.dtype for g in grads] == u.compute_dtypes)
+        except AttributeError:  # None, IndexedSlices, per-replica values
+            return False
 
     def _checked_gradient(self, grad, variable, i):
         shape_tuple = getattr(grad, "_shape_tuple", None)
         if shape_tuple is not None and (
                 shape_tuple() == self._untracked.shapes[i]
-                and grad.dtype.is_floating):
+                and (grad.dtype is self._untracked.compute_dtypes[i]
+                     or grad.dtype.is_floating)):
             # A dense tensor of exactly the variable's shape: the common
             # case, checked without building TensorShapes (eager steps of
             # many small variables are bound by this Python).
@@ -1047,7 +1085,9 @@ class AdamW(tf.Module):
             if g is None:
                 continue
             dtype = compute_dtypes[i]
-            if not (isinstance(g, tf.Tensor) and g.dtype == dtype):
+            # DTypes are interned: `is` is the fast common case.
+            if not (isinstance(g, tf.Tensor) and (
+                    g.dtype is dtype or g.dtype == dtype)):
                 g = tf.cast(adamw_math.densify(
                     g, state["variables"][i].shape), dtype)
             # Step 2: unscale.
@@ -1107,8 +1147,16 @@ class AdamW(tf.Module):
 
     def _local_state(self):
         """This replica's copy of every variable the step touches."""
-        local = distribute.local if self._untracked.distributed else (
-            lambda variable: variable)
+        u = self._untracked
+        if not u.distributed:
+            if u.own_state is None:
+                # Plain lists, made once: iterating the tracked lists costs
+                # more than the rest of an eager step's Python.
+                u.own_state = self._state_of(lambda variable: variable)
+            return dict(u.own_state)
+        return self._state_of(distribute.local)
+
+    def _state_of(self, local):
         return {
             "variables": [local(v) for v in self._untracked.tf_vars],
             "momentums": [local(v) for v in self._momentums],
