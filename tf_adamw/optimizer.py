@@ -1097,7 +1097,7 @@ class AdamW(tf.Module):
 
         if not self._skip_nonfinite:
             self._accumulate_or_apply(state, dense)
-            return tf.identity(state["iterations"])
+            return self._step_result(state)
         # Ours: a call whose gradients hold NaN or Inf changes nothing but
         # the skip counter. The gradients were summed across replicas
         # before this point, so every replica takes the same branch.
@@ -1113,6 +1113,14 @@ class AdamW(tf.Module):
             return tf.constant(False)
 
         tf.cond(finite, apply, skip)
+        return self._step_result(state)
+
+    @staticmethod
+    def _step_result(state):
+        """What a step returns: `iterations` after it (None when eager: the
+        caller returns the variable itself, and an eager op costs ~30 us)."""
+        if tf.executing_eagerly():
+            return None
         return tf.identity(state["iterations"])
 
     def _accumulate_or_apply(self, state, dense):
@@ -1291,7 +1299,7 @@ class AdamW(tf.Module):
                 tf.cond(overwrite, overwrite_variables,
                         lambda: tf.constant(False))
         # Step 8: count the applied update.
-        iterations.assign_add(1)
+        iterations.assign_add(1, read_value=False)
 
     # ------------------------------------------------------------------
     # The rest of the Keras API.
