@@ -9,6 +9,10 @@
 // optimizer uses it on CPU outside XLA and keeps the XLA step everywhere
 // else (TPU, GPU, inside `jit_compile=True` functions).
 //
+// The op takes the model variables' handles but the slots through one
+// `TfAdamwSlotTable` per device, made once at build(): see the table's
+// comment for why.
+//
 // The arithmetic follows `tf_adamw/update.py::adamw_update` operation by
 // operation (and is compiled with -ffp-contract=off), so both paths round
 // alike.
