@@ -78,17 +78,22 @@ def test_kernel_is_the_default_on_cpu():
     assert os.path.exists(kernels.library_path())
 
 
-def test_step_graph_holds_one_fused_op():
+def _traced_step(**kwargs):
+    """(variables, optimizer, the concrete `tf.function` of one step)."""
     variables = [tf.Variable(tf.zeros(s)) for s in SHAPES]
-    opt = AdamW()
+    opt = AdamW(**kwargs)
     opt.build(variables)
 
     @tf.function
     def step(grads):
         opt.apply(grads, variables)
 
-    graph = step.get_concrete_function(
-        [tf.TensorSpec(s, tf.float32) for s in SHAPES]).graph
+    return variables, opt, step.get_concrete_function(
+        [tf.TensorSpec(s, tf.float32) for s in SHAPES])
+
+
+def test_step_graph_holds_one_fused_op():
+    graph = _traced_step()[2].graph
     # Traced into the caller's graph, not a nested function.
     ops = [op.type for op in graph.get_operations()]
     assert ops.count("TfAdamwFusedApply") == 1, ops
@@ -116,16 +121,8 @@ def test_fused_equals_tf_ops_bit_for_bit(mode, dtype, amsgrad, sparse):
 def test_a_step_function_captures_one_slot_table_not_the_slots():
     """The kernel reaches the slots through the optimizer's table: a
     function running the step has one input for all slots."""
-    variables = [tf.Variable(tf.zeros(s)) for s in SHAPES]
-    opt = AdamW(amsgrad=True)
-    opt.build(variables)
-
-    @tf.function
-    def step(grads):
-        opt.apply(grads, variables)
-
-    captured = step.get_concrete_function(
-        [tf.TensorSpec(s, tf.float32) for s in SHAPES]).captured_inputs
+    variables, opt, step = _traced_step(amsgrad=True)
+    captured = step.captured_inputs
     captured_ids = {id(t) for t in captured}
     slots = [s for v in variables for s in opt.slots_for(v).values()]
     assert len(slots) == 3 * len(variables)
