@@ -7,6 +7,10 @@
   AMSGrad, excluded variables, sparse gradients, a variable large enough to
   be split across threads. It agrees with the XLA step to rounding.
 - Inside a `jit_compile=True` function the XLA step runs instead.
+- It reaches the slots through the optimizer's slot table: a step function
+  captures no slot handle, later assignments to slots are seen, variables
+  without gradients keep their slots, and `slots_for` warns where its
+  reads would not be ordered with the kernel.
 - It never writes through a buffer a reader still holds (copy-on-write).
 - Bad inputs to the op, a failing compiler and an unavailable kernel give
   clear errors or a clean fallback.
