@@ -9,8 +9,9 @@
 - Inside a `jit_compile=True` function the XLA step runs instead.
 - It reaches the slots through the optimizer's slot table: a step function
   captures no slot handle, later assignments to slots are seen, variables
-  without gradients keep their slots, and `slots_for` warns where its
-  reads would not be ordered with the kernel.
+  without gradients keep their slots, steps in a `tf.while_loop` equal
+  steps one by one, and `slots_for` warns where its reads would not be
+  ordered with the kernel.
 - It never writes through a buffer a reader still holds (copy-on-write).
 - Bad inputs to the op, a failing compiler and an unavailable kernel give
   clear errors or a clean fallback.
@@ -134,6 +135,42 @@ def test_a_step_function_captures_one_slot_table_not_the_slots():
     assert {id(v.handle) for v in variables} <= captured_ids
     # The variables, the table, iterations and five hyperparameters.
     assert len(captured) == len(variables) + 7, captured
+
+
+def test_steps_in_a_while_loop_equal_steps_one_by_one():
+    """The trainer runs many steps in one `tf.while_loop`: each iteration's
+    kernel must see the slots (through the table) and variables the
+    previous one wrote, bit for bit as separate eager steps do."""
+    steps = 20
+
+    def run(in_loop):
+        variables = [tf.Variable(v) for v in _initial()]
+        opt = AdamW(learning_rate=0.01, amsgrad=True)
+        opt.build(variables)
+
+        def one_step():
+            with tf.GradientTape() as tape:
+                loss = tf.add_n([tf.reduce_sum(tf.sin(v) * v)
+                                 for v in variables])
+            opt.apply_gradients(zip(tape.gradient(loss, variables),
+                                    variables))
+
+        def body(i):
+            one_step()
+            return [i + 1]
+
+        if in_loop:
+            tf.function(lambda: tf.while_loop(
+                lambda i: i < steps, body, [tf.constant(0)]),
+                autograph=False)()
+        else:
+            for _ in range(steps):
+                one_step()
+        assert int(opt.iterations.numpy()) == steps
+        return [x.numpy() for v in variables
+                for x in [v] + list(opt.slots_for(v).values())]
+
+    _assert_identical(run(in_loop=True), run(in_loop=False), "while_loop")
 
 
 def test_slots_for_inside_a_fused_step_function_warns():
