@@ -85,7 +85,8 @@ REGISTER_OP("TfAdamwFusedApply")
 AdamW on a list of variables in one pass (tf_adamw's fused CPU step).
 
 Variable i's slots are entry slot_indices[i] of slot_table (a
-TfAdamwSlotTable; AMSGrad when it holds velocity hats). For each i: if use_decay[i], variable -= variable * decay; then
+TfAdamwSlotTable; AMSGrad when it holds velocity hats). For each i:
+if use_decay[i], variable -= variable * decay; then
 m += (g - m) * one_minus_beta_1; v += (g*g - v) * one_minus_beta_2;
 (AMSGrad) v_hat = max(v_hat, v); variable -= m * alpha / (sqrt(v or v_hat) +
 epsilon). Variables are float32, bfloat16 or float16 (updated in float32);
@@ -258,7 +259,8 @@ class FusedApplyOp : public OpKernel {
                             &table));
     const bool amsgrad = table->amsgrad();
     for (int i = 0; i < n; ++i) {
-      OP_REQUIRES(ctx, slot_indices_[i] >= 0 && slot_indices_[i] < table->size(),
+      OP_REQUIRES(ctx,
+                  slot_indices_[i] >= 0 && slot_indices_[i] < table->size(),
                   absl::InvalidArgumentError(absl::StrCat(
                       "slot index ", slot_indices_[i], " of variable ", i,
                       " is outside the slot table of ", table->size(),
@@ -422,8 +424,8 @@ REGISTER_KERNEL_BUILDER(Name("TfAdamwFusedApply")
                             .HostMemory("decay"),
                         FusedApplyOp);
 
-REGISTER_KERNEL_BUILDER(Name("TfAdamwSlotTable").Device(::tensorflow::DEVICE_CPU),
-                        SlotTableOp);
+REGISTER_KERNEL_BUILDER(
+    Name("TfAdamwSlotTable").Device(::tensorflow::DEVICE_CPU), SlotTableOp);
 
 }  // namespace
 }  // namespace tf_adamw
