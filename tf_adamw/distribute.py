@@ -24,6 +24,13 @@ def local(variable):
     return variable
 
 
+def copies(variable):
+    """Every per-replica copy of `variable` (a plain variable: itself)."""
+    if isinstance(variable, tf.distribute.DistributedValues):
+        return variable.values
+    return (variable,)
+
+
 def check_supported(strategy):
     """Refuses strategies whose variables are not mirrored per replica.
 

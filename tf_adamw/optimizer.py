@@ -716,9 +716,7 @@ class AdamW(tf.Module):
                             ("velocities", self._velocities),
                             ("velocity_hats", self._velocity_hats)):
             for slot in slots:
-                copies = (slot.values if distribute.is_distributed(slot)
-                          else (slot,))
-                for copy in copies:
+                for copy in distribute.copies(slot):
                     per_device.setdefault(copy.device, {}).setdefault(
                         kind, []).append(copy)
         tables = {}
@@ -738,9 +736,7 @@ class AdamW(tf.Module):
                 return (f"variable {variable.name!r} has dtype "
                         f"{variable.dtype.name} (the kernel updates float32, "
                         "bfloat16 and float16 variables)")
-            copies = (variable.values if distribute.is_distributed(variable)
-                      else (variable,))
-            for copy in copies:
+            for copy in distribute.copies(variable):
                 device = tf.DeviceSpec.from_string(copy.device or "")
                 if device.device_type not in (None, "CPU"):
                     return (f"variable {variable.name!r} is on "
