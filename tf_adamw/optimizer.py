@@ -909,8 +909,7 @@ class AdamW(tf.Module):
         shape_tuple = getattr(grad, "_shape_tuple", None)
         if shape_tuple is not None and (
                 shape_tuple() == self._untracked.shapes[i]
-                and (grad.dtype is self._untracked.compute_dtypes[i]
-                     or grad.dtype.is_floating)):
+                and grad.dtype.is_floating):
             # A dense tensor of exactly the variable's shape: the common
             # case, checked without building TensorShapes (eager steps of
             # many small variables are bound by this Python).
