@@ -64,10 +64,15 @@ def _train(mode, dtype="float32", steps=4, sparse=False, **kwargs):
         step = tf.function(step, jit_compile=True)
     for i in range(steps):
         step(_grads(i, sparse))
+    return opt, _state(opt, variables)
+
+
+def _state(opt, variables):
+    """Every variable's value, then its slots' values, as arrays."""
     state = [v.numpy() for v in variables]
     for v in variables:
         state += [s.numpy() for _, s in sorted(opt.slots_for(v).items())]
-    return opt, state
+    return state
 
 
 def _assert_identical(got, want, what):
@@ -167,8 +172,7 @@ def test_steps_in_a_while_loop_equal_steps_one_by_one():
             for _ in range(steps):
                 one_step()
         assert int(opt.iterations.numpy()) == steps
-        return [x.numpy() for v in variables
-                for x in [v] + list(opt.slots_for(v).values())]
+        return _state(opt, variables)
 
     _assert_identical(run(in_loop=True), run(in_loop=False), "while_loop")
 
@@ -211,8 +215,7 @@ def _step_after_assigning_slots(mode, **kwargs):
         for slot in opt.slots_for(v).values():
             slot.assign(rng.uniform(0.0, 1.0, slot.shape).astype(np.float32))
     step(_grads(1, False))
-    return [x.numpy() for v in variables
-            for x in [v] + list(opt.slots_for(v).values())]
+    return _state(opt, variables)
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
@@ -240,8 +243,7 @@ def test_variables_without_gradients_keep_their_slots(mode):
             for i in range(2):
                 grads = _grads(i, False)
                 step([grads[0], None, grads[2], None])
-        return opt, variables, [x.numpy() for v in variables
-                                for x in [v] + list(opt.slots_for(v).values())]
+        return opt, variables, _state(opt, variables)
 
     fused_opt, variables, fused = run()
     assert fused_opt.uses_fused_kernel
