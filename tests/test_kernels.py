@@ -1,4 +1,4 @@
-"""The fused CPU kernel (`tf_adamw/kernels.py`, `tf_adamw/cc/fused_adamw.cc`).
+"""The fused CPU kernel (`tf_adamw/kernels/`, `tf_adamw/cc/fused_adamw.cc`).
 
 - It is what `AdamW` runs by default on CPU, eagerly and in `tf.function`,
   and its step graph holds the one fused op.

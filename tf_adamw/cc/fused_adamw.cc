@@ -5,7 +5,7 @@
 // float32 parameter, and three kernel launches per variable. This op reads
 // each element of (variable, gradient, m, v) once and writes (variable, m, v)
 // once: the 28 bytes per parameter that AdamW must move, with one op launch
-// for all variables. `tf_adamw/kernels.py` builds and loads it; the
+// for all variables. `tf_adamw/kernels/` builds and loads it; the
 // optimizer uses it on CPU outside XLA and keeps the XLA step everywhere
 // else (TPU, GPU, inside `jit_compile=True` functions).
 //

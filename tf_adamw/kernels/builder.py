@@ -1,4 +1,4 @@
-"""Builds and loads the fused AdamW CPU kernel (`tf_adamw/cc/fused_adamw.cc`).
+"""Builds the fused AdamW CPU kernel (`tf_adamw/cc/fused_adamw.cc`).
 
 The kernel is a TensorFlow custom op compiled on this machine against the
 installed TensorFlow's headers (`tf.sysconfig`), the public way to extend TF
@@ -10,38 +10,32 @@ with C++. It is built once per (source, TensorFlow build, CPU) and cached:
 - in `$XDG_CACHE_HOME/tf_adamw` (default `~/.cache/tf_adamw`), else
 - in the system's temporary directory.
 
-`python -m tf_adamw.kernels` builds it ahead of time and prints its path.
-If no C++ compiler is found or the build fails, `load()` returns None, the
-reason is logged once, and `tf_adamw.AdamW` keeps its XLA step.
+This module is the build system only: it holds no process-wide state, and
+loading the library is `tf_adamw.kernels.loader`'s job.
 """
 
 import fcntl
 import hashlib
-import logging
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 
 import tensorflow as tf
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cc",
-                      "fused_adamw.cc")
-_PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                            "_kernels")
+# The `tf_adamw` package directory: the source and the prebuilt cache sit
+# there, where `make venv` and earlier releases put them.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE = os.path.join(_PACKAGE_ROOT, "cc", "fused_adamw.cc")
+_PACKAGE_DIR = os.path.join(_PACKAGE_ROOT, "_kernels")
 # -ffp-contract=off: no fused multiply-adds, so the kernel rounds like the
 # reference math. -fno-math-errno lets sqrt vectorise (it only drops the errno
 # write for negative inputs, which cannot occur). -march=native: the library
 # is built on the machine that runs it (the CPU is part of the cache key).
 _OPTIMIZE = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 _NATIVE = ["-march=native"]
-
-_log = logging.getLogger("tf_adamw")
-_lock = threading.Lock()
-_state = {"tried": False, "module": None, "reason": None}
 
 
 class KernelBuildError(RuntimeError):
@@ -160,95 +154,3 @@ def build(directory=None, force=False):
             if os.path.exists(partial):
                 os.remove(partial)
     return path
-
-
-def load():
-    """The loaded op module, or None if the kernel cannot be built here.
-
-    Thread-safe; the build (or the failure) happens once per process.
-    """
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            try:
-                path = library_path()
-                if not os.path.exists(path):
-                    _log.info("tf_adamw: compiling the fused AdamW kernel "
-                              "(once per machine) into %s", path)
-                    path = build()
-                _state["module"] = tf.load_op_library(path)
-            except (KernelBuildError, OSError, tf.errors.OpError) as e:
-                _state["reason"] = f"{type(e).__name__}: {e}"
-                _log.warning(
-                    "tf_adamw: the fused AdamW kernel is unavailable, using "
-                    "the XLA step instead. %s", _state["reason"])
-        return _state["module"]
-
-
-def unavailable_reason():
-    """Why `load()` returned None (None if it has not failed)."""
-    load()
-    return _state["reason"]
-
-
-def slot_table(momentums, velocities, velocity_hats):
-    """A `TfAdamwSlotTable`: one device's slots, for `fused_apply`.
-
-    Args:
-        momentums, velocities: float32 resource variables, one of each per
-            model variable, on one device.
-        velocity_hats: `[]`, or AMSGrad's maxima, one per model variable.
-
-    Returns:
-        A scalar resource tensor on that device (make it eagerly, under
-        `tf.init_scope()`). It keeps the slot variables' storage alive and
-        sees every later assignment to them.
-    """
-    return _loaded().tf_adamw_slot_table(
-        momentums=[v.handle for v in momentums],
-        velocities=[v.handle for v in velocities],
-        velocity_hats=[v.handle for v in velocity_hats])
-
-
-def fused_apply(variables, table, slot_indices, grads, *, alpha,
-                one_minus_beta_1, one_minus_beta_2, epsilon, decay,
-                use_decay):
-    """Runs the fused op: one AdamW step for all `variables`.
-
-    Args:
-        variables: resource variables (float32/bfloat16/float16).
-        table: a `slot_table` on the variables' device.
-        slot_indices: for each variable, the position of its slots in
-            `table`.
-        grads: float32 tensors, one per variable.
-        alpha, one_minus_beta_1, one_minus_beta_2, epsilon, decay: float32
-            scalars as in `tf_adamw.update.adamw_update`.
-        use_decay: list of bools, one per variable.
-
-    Returns:
-        The op (graph mode) or None (eager).
-    """
-    return _loaded().tf_adamw_fused_apply(
-        variables=[v.handle for v in variables], slot_table=table,
-        grads=grads, alpha=alpha, one_minus_beta_1=one_minus_beta_1,
-        one_minus_beta_2=one_minus_beta_2, epsilon=epsilon, decay=decay,
-        use_decay=list(use_decay), slot_indices=list(slot_indices))
-
-
-def _loaded():
-    module = load()
-    if module is None:
-        raise RuntimeError(
-            "The fused AdamW kernel is unavailable: " + str(_state["reason"]))
-    return module
-
-
-def main():
-    """`python -m tf_adamw.kernels [--force]`: builds, prints the path."""
-    path = build(force="--force" in sys.argv[1:])
-    tf.load_op_library(path)
-    print(path)
-
-
-if __name__ == "__main__":
-    main()

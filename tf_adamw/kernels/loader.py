@@ -1,0 +1,51 @@
+"""Loads the fused AdamW kernel into this process, once.
+
+The first `load()` builds the library if its cache has none (see
+`tf_adamw.kernels.builder`) and loads it. If no C++ compiler is found or the
+build fails, `load()` returns None, the reason is logged once, and
+`tf_adamw.AdamW` keeps its XLA step.
+"""
+
+import logging
+import os
+import threading
+
+import tensorflow as tf
+
+from tf_adamw.kernels import builder
+
+_log = logging.getLogger("tf_adamw")
+# The outcome is per process: every optimizer shares one loaded library, and
+# a failed build is not retried (nor its warning repeated) on each build().
+_lock = threading.Lock()
+_state = {"tried": False, "module": None, "reason": None}
+
+
+def load():
+    """The loaded op module, or None if the kernel cannot be built here.
+
+    Thread-safe; the build (or the failure) happens once per process.
+    """
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                path = builder.library_path()
+                if not os.path.exists(path):
+                    _log.info("tf_adamw: compiling the fused AdamW kernel "
+                              "(once per machine) into %s", path)
+                    path = builder.build()
+                _state["module"] = tf.load_op_library(path)
+            except (builder.KernelBuildError, OSError,
+                    tf.errors.OpError) as e:
+                _state["reason"] = f"{type(e).__name__}: {e}"
+                _log.warning(
+                    "tf_adamw: the fused AdamW kernel is unavailable, using "
+                    "the XLA step instead. %s", _state["reason"])
+        return _state["module"]
+
+
+def unavailable_reason():
+    """Why `load()` returned None (None if it has not failed)."""
+    load()
+    return _state["reason"]
