@@ -1,8 +1,8 @@
 """Resumes training SavedModels in a new process, for tests/test_export.py.
 
-Usage: python export_worker.py SPEC.json
+Usage: python export_worker.py RUNS.json
 
-SPEC.json: {"runs": [{"export_dir": ..., "first": N, "count": M,
+RUNS.json: {"runs": [{"export_dir": ..., "first": N, "count": M,
                       "out": PREFIX}, ...]}
 
 For each run: `tf.saved_model.load(export_dir)` (plain TensorFlow: neither

@@ -1,6 +1,8 @@
-"""A float64 NumPy reference of SPEC.md's AdamW step (not of Keras's bugs).
+"""A float64 NumPy reference of the AdamW step of docs/semantics.md ("The
+step"; not of Keras's bugs).
 
-`NumpyAdamW` is a test oracle: short, unoptimised, one stage per SPEC step.
+`NumpyAdamW` is a test oracle: short, unoptimised, one stage per step of
+docs/semantics.md. Step 3 (`skip_nonfinite_gradients`) is not modelled.
 It holds plain NumPy arrays:
 
     variables, m, v, v_hat, averages, accumulators: lists aligned with the
@@ -49,7 +51,7 @@ def _dense(grad, shape):
 
 
 class NumpyAdamW:
-    """SPEC.md's AdamW in float64 NumPy. See the module docstring."""
+    """docs/semantics.md's AdamW in float64 NumPy. See the module docstring."""
 
     def __init__(self, variables, learning_rate=0.001, weight_decay=0.004,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
@@ -94,13 +96,14 @@ class NumpyAdamW:
              for i, x in enumerate(grads) if x is not None}
         assert g, "all gradients are None"
 
-        # Step 2: unscale.
+        # Step 2: unscale. (Step 3, the non-finite guard, is not modelled.)
         if self.loss_scale_factor is not None:
             g = {i: x / self.loss_scale_factor for i, x in g.items()}
 
-        # Step 3: accumulate; every k-th call continues with the mean. That
+        # Step 4: accumulate; every k-th call continues with the mean. That
         # call updates the variables with a gradient in it, and resets every
-        # accumulator (tf_adamw's and Keras's behaviour; SPEC is silent).
+        # accumulator (tf_adamw's and Keras's behaviour; docs/semantics.md,
+        # step 4).
         k = self.gradient_accumulation_steps
         if k:
             for i, x in g.items():
@@ -111,7 +114,7 @@ class NumpyAdamW:
             g = {i: self.accumulators[i] / k for i in g}
             self.accumulators = [np.zeros_like(a) for a in self.accumulators]
 
-        # Step 4: clip (a clip value applies only when > 0).
+        # Step 5: clip (a clip value applies only when > 0).
         positive = lambda c: c is not None and c > 0  # noqa: E731
         if positive(self.clipnorm):
             g = {i: x * self.clipnorm / max(np.linalg.norm(x), self.clipnorm)
@@ -133,10 +136,10 @@ class NumpyAdamW:
 
         for i, x in g.items():
             var = self.variables[i]
-            # Step 5: decoupled weight decay, before the Adam update.
+            # Step 6: decoupled weight decay, before the Adam update.
             if i not in self.exclude:
                 var = var - var * wd * lr
-            # Step 6: Adam with "epsilon hat" (and AMSGrad).
+            # Step 7: Adam with "epsilon hat" (and AMSGrad).
             self.m[i] = self.m[i] + (x - self.m[i]) * (1 - b1)
             self.v[i] = self.v[i] + (x * x - self.v[i]) * (1 - b2)
             denom = self.v[i]
@@ -146,7 +149,7 @@ class NumpyAdamW:
             var = var - alpha * self.m[i] / (np.sqrt(denom) + self.epsilon)
             self.variables[i] = _round(var, self.dtypes[i])
 
-        # Step 7: EMA over every variable; first update copies; overwrite.
+        # Step 8: EMA over every variable; first update copies; overwrite.
         if self.use_ema:
             mom = self.ema_momentum if self.iterations > 0 else 0.0
             self.averages = [mom * a + (1 - mom) * x
@@ -156,7 +159,7 @@ class NumpyAdamW:
                 self.variables = [_round(a.copy(), d) for a, d in
                                   zip(self.averages, self.dtypes)]
 
-        # Step 8: count the applied update.
+        # Step 9: count the applied update.
         self.iterations += 1
         return True
 

@@ -402,7 +402,7 @@ def test_golden_checkpoint_restores_into_a_fresh_optimizer(golden,
 
 def test_golden_expected_values_follow_the_spec(golden):
     """expected.json is not just "what the code did": a float64 NumPy
-    reference of SPEC.md gives the same values."""
+    reference of docs/semantics.md ("The step") gives the same values."""
     from numpy_reference import NumpyAdamW  # pylint: disable=import-outside-toplevel
 
     names = ["dense/kernel", "dense/bias"]

@@ -2,8 +2,9 @@
 the optimizer's variables.
 
 The reference is Keras 3's `keras.optimizers.AdamW` (its config keys and
-schedule serialisation) and `tests/numpy_reference.py` (SPEC.md's step in
-float64). Tests that apply steps compile one XLA step each (~0.5 s).
+schedule serialisation) and `tests/numpy_reference.py` (docs/semantics.md,
+"The step", in float64). Tests that apply steps compile one XLA step each
+(~0.5 s).
 """
 
 import json
@@ -19,9 +20,9 @@ from conftest import step_traces
 from numpy_reference import NumpyAdamW
 from tf_adamw import AdamW
 
-# Keys our config may have beyond Keras's AdamW config (SPEC: `jit_compile`
-# is ours; `skip_nonfinite_gradients` is the state issue's option). Anything
-# else is a difference from Keras.
+# Keys our config may have beyond Keras's AdamW config (docs/semantics.md,
+# "Configuration": `jit_compile`, `fused` and `skip_nonfinite_gradients`
+# are ours). Anything else is a difference from Keras.
 ALLOWED_EXTRA_KEYS = {"jit_compile", "skip_nonfinite_gradients", "fused"}
 
 K3 = keras.optimizers.schedules

@@ -4,11 +4,11 @@ a. `keras.optimizers.AdamW` (Keras 3.15, TF backend, run eagerly) wherever
    Keras is right: fixed seeds draw configurations covering every argument;
    variables, slots, EMA averages, accumulators and `iterations` are compared
    after EVERY step.
-b. `numpy_reference.NumpyAdamW` (float64, SPEC.md's step) for each deliberate
-   difference from Keras (SPEC.md's table): accumulation as exact mean steps
-   with a schedule and EMA, callable betas, sparse duplicates (also with
-   `loss_scale_factor`), 16-bit variables, hyperparameters changed between
-   calls without retracing.
+b. `numpy_reference.NumpyAdamW` (float64, the step of docs/semantics.md) for
+   each deliberate difference from Keras (docs/semantics.md, "Differences
+   from Keras 3"): accumulation as exact mean steps with a schedule and EMA,
+   callable betas, sparse duplicates (also with `loss_scale_factor`), 16-bit
+   variables, hyperparameters changed between calls without retracing.
 c. Every case runs eagerly (the optimizer compiles its own step), inside a
    user's `tf.function`, and inside a user's `tf.function(jit_compile=True)`;
    two Keras cases also with `AdamW(..., jit_compile=False)`.
@@ -153,7 +153,8 @@ def parity_config(seed):
         "none_grad": None,
     }
     # Keras is right about accumulation only with a constant learning rate
-    # and no EMA (SPEC: "k accumulated calls are exactly one step").
+    # and no EMA (docs/semantics.md, step 4: k calls are one step on the
+    # mean gradient).
     if seed in (5, 10, 13):
         cfg.update(lr_kind="float", ema_kind=None,
                    accumulation=int(rng.integers(2, 4)))

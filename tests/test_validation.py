@@ -2,7 +2,8 @@
 
 Every invalid constructor argument is rejected at construction (no variables
 needed) with a `TypeError` (wrong type) or `ValueError` (bad value) whose
-message names the argument and the value received (SPEC.md, "Constructor").
+message names the argument and the value received (docs/semantics.md,
+"Constructor arguments").
 Misuse of the step API gets a clear error naming the variable involved.
 
 Only `test_none_gradient_is_skipped_with_warning` compiles a step; every other
@@ -163,7 +164,8 @@ INT_ARGS = [
 @pytest.mark.parametrize("argument,value", INT_ARGS,
                          ids=[f"{a}={v!r}" for a, v in INT_ARGS])
 def test_integer_arguments(argument, value, use_ema):
-    # SPEC: ema_overwrite_frequency is an int >= 1 or None,
+    # docs/semantics.md, "Constructor arguments": ema_overwrite_frequency
+    # is an int >= 1 or None,
     # gradient_accumulation_steps an int >= 2 or None (2.5 is an error),
     # whether or not EMA is on.
     with pytest.raises(ValueError,
