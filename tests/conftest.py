@@ -68,10 +68,8 @@ def tpu_like_strategy():
 def step_traces(optimizer):
     """How many times the optimizer's step functions have been traced.
 
-    Counts every kind (`AdamW._step_function`): an eager fused step traces
+    Counts every kind (`AdamW.tracing_count`): an eager fused step traces
     only its small scalars function; a fused step inside a `tf.function` is
     traced into that function's graph and counts 0.
     """
-    # pylint: disable=protected-access
-    return sum(f.experimental_get_tracing_count()
-               for f in optimizer._untracked.step_fns.values())
+    return optimizer.tracing_count()

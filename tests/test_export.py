@@ -223,7 +223,7 @@ def test_training_export_resumes_in_process_and_holds_exactly_the_state(
 
 def test_compiled_step_holder_is_not_in_the_saved_object_graph(
         training_exports):
-    """`opt._untracked.step_fns` (the optimizer's step functions) are
+    """The optimizer's step functions (`tf_adamw.step_kinds.StepRunner`) are
     invisible to SavedModel: no node for them, no extra function to save.
     The XLA step is a function of its own with its XLA attribute; for an
     optimizer on the fused kernel, `train_step` holds the plain-op twin of
@@ -238,10 +238,11 @@ def test_compiled_step_holder_is_not_in_the_saved_object_graph(
         graph = proto.meta_graphs[0].object_graph_def
         child_names = {c.local_name for node in graph.nodes
                        for c in node.children}
-        assert not child_names & {"_untracked", "step_fns", "_update_step"}
+        assert not child_names & {"_untracked", "runner", "functions",
+                                  "adamw_step"}
         library = proto.meta_graphs[0].graph_def.library
         step_functions = [f for f in library.function
-                          if "_update_step" in f.signature.name]
+                          if "adamw_step" in f.signature.name]
         if name.endswith("-xla"):
             # Its own function, compiled by XLA when called.
             assert step_functions, [f.signature.name for f in library.function]
@@ -259,8 +260,7 @@ def test_export_before_the_first_step_traces_the_step_at_save_time(tmp_path):
     step; the loaded step equals a live one."""
     module = _Unbuilt()
     module.optimizer.build([module.v])
-    # pylint: disable=protected-access
-    assert not module.optimizer._untracked.step_fns
+    assert not module.optimizer.tracing_count()
     tf_adamw.export_training_model(str(tmp_path / "fresh"), module)
     loaded = tf.saved_model.load(str(tmp_path / "fresh"))
     for g in ([0.5, -1.0], [2.0, 0.25]):

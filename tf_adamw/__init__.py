@@ -10,11 +10,11 @@ Public API:
 """
 
 from tf_adamw.optimizer import AdamW
+from tf_adamw.checkpoints import restore_latest_good
 from tf_adamw.export import (
     ema_weights,
     export_serving_model,
     export_training_model,
-    restore_latest_good,
     restore_training_variables,
 )
 

@@ -4,10 +4,13 @@ The rule that makes N replicas equal one device: gradients are summed across
 replicas first, and then every replica runs the *same* pipeline (unscale,
 accumulate, clip, decay, Adam, EMA) on the same summed gradients against its
 own copies of the variables. No collective runs inside the compiled step, so
-it can be compiled by XLA per replica and never sits inside a `tf.cond`.
+it can be compiled by XLA per replica and never sits inside a `tf.cond`
+(docs/semantics.md, "Distribution").
 """
 
 import tensorflow as tf
+
+from tf_adamw import update
 
 
 def local(variable):
@@ -69,3 +72,84 @@ def all_reduce_sum(replica_context, grads):
 def is_distributed(value):
     """True for per-replica values (e.g. gradients returned by `run`)."""
     return isinstance(value, tf.distribute.DistributedValues)
+
+
+def require_cross_replica(what, because):
+    """Refuses a call made inside `strategy.run` (a replica context).
+
+    Raises:
+        ValueError: naming `what` must be called from, and why.
+    """
+    if tf.distribute.has_strategy() and (
+            not tf.distribute.in_cross_replica_context()):
+        raise ValueError(
+            f"Call `{what}` outside `strategy.run` (in a cross-replica "
+            f"context): {because}")
+
+
+def check_same_strategy(built, current):
+    """Refuses a step under another strategy than the one of `build()`."""
+    if current is not built:
+        raise ValueError(
+            "This optimizer was built under a different tf.distribute "
+            f"strategy ({type(built).__name__}) than the current one "
+            f"({type(current).__name__}). Create and `build()` the "
+            "optimizer under `strategy.scope()` of the strategy that runs "
+            "the step.")
+
+
+def on_every_replica(strategy, grads, step, extra, *, anchor, targets,
+                     compute_dtypes, aggregate):
+    """Runs `step(grads, extra)` on every replica, on the summed gradients.
+
+    In a replica context the gradients are summed across replicas (unless
+    `aggregate` is False: the caller already did), then every replica runs
+    the step on its own copies. In a cross-replica context per-replica
+    gradients are summed and plain tensors are taken as the global
+    gradients; the step runs once per replica.
+
+    Args:
+        strategy: the current strategy (the optimizer's).
+        grads: list aligned with `targets`, None where absent.
+        step: `step(full_grads, extra)`, run once per replica.
+        extra: passed to `step` through the strategy (tensors of the
+            caller's replica stay on its device).
+        anchor: a mirrored variable to colocate the update with.
+        targets: the model variables (reduction destinations and shapes).
+        compute_dtypes: per variable, the dtype to reduce in.
+        aggregate: sum replica-context gradients across replicas.
+    """
+    indices = [i for i, g in enumerate(grads) if g is not None]
+    present = []
+    for i in indices:
+        g = grads[i]
+        if not is_distributed(g):
+            # Reduce (and copy between devices) in the compute dtype.
+            g = tf.cast(update.densify(g, targets[i].shape),
+                        compute_dtypes[i])
+        present.append(g)
+
+    def run_on_this_replica(_, present_grads, extra):
+        full = [None] * len(grads)
+        for i, g in zip(indices, present_grads):
+            full[i] = g
+        return step(full, extra)
+
+    if tf.distribute.in_cross_replica_context():
+        if any(is_distributed(g) for g in present):
+            present = strategy.extended.batch_reduce_to(
+                tf.distribute.ReduceOp.SUM,
+                [(g, targets[i]) for i, g in zip(indices, present)])
+        strategy.extended.update(anchor, run_on_this_replica,
+                                 args=(present, extra))
+        return
+    if aggregate:
+        present = all_reduce_sum(tf.distribute.get_replica_context(), present)
+
+    def update_every_replica(strategy, present_grads, extra):
+        return strategy.extended.update(
+            anchor, run_on_this_replica, args=(present_grads, extra),
+            group=False)
+
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        update_every_replica, strategy, present, extra)

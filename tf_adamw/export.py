@@ -26,36 +26,25 @@ Four ways the state of a run leaves the process, and the functions for each:
   replicas drift apart, with no error. Rebuild the module under the strategy
   and call `restore_training_variables` instead.
 
-Crash safety with `tf.train.CheckpointManager` (`restore_latest_good`):
-restores the newest checkpoint whose files read back intact (every tensor's
-checksum is verified first) and falls back to the previous one, with a
-warning naming the damaged file, when the newest is truncated, corrupted or
-missing a file. Nothing on disk is deleted or rewritten.
+Restoring the newest intact checkpoint after a crash is
+`tf_adamw.checkpoints.restore_latest_good`.
 """
 
 import contextlib
 import os
-import re
-import warnings
 
 import tensorflow as tf
 
+from tf_adamw import distribute
 from tf_adamw import optimizer as optimizer_lib
+from tf_adamw import state as state_lib
 
 __all__ = [
     "ema_weights",
     "export_serving_model",
     "export_training_model",
-    "restore_latest_good",
     "restore_training_variables",
 ]
-
-# Errors the checkpoint reader raises for damaged files. It is not only
-# `tf.errors.OpError`: a truncated data file gives an `IndexError` ("Read less
-# bytes than requested") on TF 2.21.
-_READ_ERRORS = (tf.errors.OpError, OSError, IndexError, ValueError,
-                RuntimeError)
-
 
 # ----------------------------------------------------------------------------
 # Walking the object graph that SavedModel and checkpoints save.
@@ -190,7 +179,6 @@ def export_training_model(export_dir, module):
         )
     tracked = _variable_ids(o for _, o in paths)
     for path, opt in optimizers:
-        u = opt._untracked  # pylint: disable=protected-access
         if not opt.built:
             raise ValueError(
                 f"The optimizer {_describe(path)} is not built: its slots do "
@@ -199,10 +187,10 @@ def export_training_model(export_dir, module):
                 "`optimizer.build(model.trainable_variables)` (or run one "
                 "training step) before exporting."
             )
-        if u.distributed:
+        if opt.distribution_strategy is not None:
             raise ValueError(
                 f"The optimizer {_describe(path)} was built under "
-                f"{type(u.strategy).__name__}. A training SavedModel cannot "
+                f"{type(opt.distribution_strategy).__name__}. A training SavedModel cannot "
                 "hold a distributed step: a `train_step` wrapping "
                 "`strategy.run` does not save, and one applying gradients in "
                 "a cross-replica context saves a graph pinned to the "
@@ -212,7 +200,8 @@ def export_training_model(export_dir, module):
                 "resume under a strategy with "
                 "`tf_adamw.restore_training_variables`."
             )
-        missing = [v for v in u.tf_vars if id(v) not in tracked]
+        missing = [v for v in map(state_lib.unwrap, opt.var_list)
+                   if id(v) not in tracked]
         if missing:
             raise ValueError(
                 f"The optimizer {_describe(path)} updates variables that "
@@ -311,15 +300,6 @@ def _check_ema_optimizer(optimizer, what):
         )
 
 
-def _copies(variable, optimizer):
-    """Every replica's copy of `variable` on this worker (or the variable)."""
-    u = optimizer._untracked  # pylint: disable=protected-access
-    if u.distributed and isinstance(variable,
-                                    tf.distribute.DistributedValues):
-        return tuple(u.strategy.experimental_local_results(variable))
-    return (variable,)
-
-
 @contextlib.contextmanager
 def ema_weights(optimizer, var_list=None):
     """Swaps the EMA averages into the variables for the `with` block.
@@ -351,31 +331,22 @@ def ema_weights(optimizer, var_list=None):
             in a replica context.
     """
     _check_ema_optimizer(optimizer, "ema_weights")
-    # pylint: disable=protected-access
-    u = optimizer._untracked
-    if var_list is None:
-        indices = list(range(len(u.var_list)))
-    else:
-        # Resolve every variable before touching any, so that a bad entry
-        # leaves all of them untouched.
-        indices = [optimizer._index_of(v) for v in var_list]
-    if tf.distribute.has_strategy() and (
-            not tf.distribute.in_cross_replica_context()):
-        raise ValueError(
-            "Call `ema_weights()` outside `strategy.run` (in a cross-replica "
-            "context): it swaps every replica's copy."
-        )
+    variables = optimizer.var_list if var_list is None else list(var_list)
+    # Resolve every variable before touching any, so that a bad entry leaves
+    # all of them untouched.
+    averages = optimizer.moving_averages(variables)
+    distribute.require_cross_replica("ema_weights()",
+                                     "it swaps every replica's copy.")
     pairs = []
-    for i in indices:
-        variables = _copies(u.tf_vars[i], optimizer)
-        averages = _copies(optimizer._averages[i], optimizer)
-        if len(variables) != len(averages):
+    for variable, average in zip(variables, averages):
+        copies = distribute.copies(state_lib.unwrap(variable))
+        average_copies = distribute.copies(average)
+        if len(copies) != len(average_copies):
             raise ValueError(
-                f"Variable {u.tf_vars[i].name!r} has {len(variables)} copies "
-                f"but its average has {len(averages)}: the optimizer must be "
-                "built under the strategy that created the variable."
-            )
-        pairs.extend(zip(variables, averages))
+                f"Variable {variable.name!r} has {len(copies)} copies but its "
+                f"average has {len(average_copies)}: the optimizer must be "
+                "built under the strategy that created the variable.")
+        pairs.extend(zip(copies, average_copies))
     # The backups are tensors read from the variables. A tensor read from a
     # resource variable keeps its value when the variable is assigned later
     # (TF replaces or copies a variable's buffer on write when it is shared),
@@ -386,11 +357,8 @@ def ema_weights(optimizer, var_list=None):
         with tf.device(variable.device):
             backups.append(tf.identity(variable))
     try:
-        for variable, average in pairs:
-            # Averages of 16-bit variables are float32: cast like
-            # `finalize_variable_values`.
-            variable.assign(tf.cast(average, variable.dtype))
-        yield [u.var_list[i] for i in indices]
+        state_lib.write_averages([v for v, _ in pairs], [a for _, a in pairs])
+        yield variables
     finally:
         for (variable, _), backup in zip(pairs, backups):
             variable.assign(backup)
@@ -452,8 +420,8 @@ def export_serving_model(export_dir, module, optimizer=None):
         return
     _check_ema_optimizer(optimizer, "export_serving_model")
     tracked = _variable_ids(o for _, o in paths)
-    u = optimizer._untracked  # pylint: disable=protected-access
-    if not any(id(v) in tracked for v in u.tf_vars):
+    if not any(id(state_lib.unwrap(v)) in tracked
+               for v in optimizer.var_list):
         raise ValueError(
             "None of `module`'s variables is updated by `optimizer`, so its "
             "moving averages cannot be exported. Pass the optimizer that "
@@ -462,157 +430,3 @@ def export_serving_model(export_dir, module, optimizer=None):
     with ema_weights(optimizer):
         tf.saved_model.save(module, export_dir,
                             signatures={"serving_default": serve})
-
-
-# ----------------------------------------------------------------------------
-# Crash safety.
-
-
-def _checkpoint_problem(prefix):
-    """Why the checkpoint at `prefix` cannot be trusted, or None if intact.
-
-    Opens the index and reads every tensor: the reader verifies each
-    tensor's CRC32C against the index, so truncated or corrupted data files
-    are caught here, before anything is restored.
-    """
-    index = prefix + ".index"
-    if not tf.io.gfile.exists(index):
-        return f"checkpoint {prefix!r}: its index file {index!r} is missing"
-    try:
-        reader = tf.train.load_checkpoint(prefix)
-    except _READ_ERRORS as e:
-        return (f"checkpoint {prefix!r}: its index file {index!r} cannot be "
-                f"read ({type(e).__name__}: {_first_line(e)})")
-    data_files = sorted(tf.io.gfile.glob(prefix + ".data-*"))
-    if not data_files:
-        return (f"checkpoint {prefix!r}: its data file "
-                f"{prefix + '.data-00000-of-00001'!r} (or any "
-                f"{prefix + '.data-*'!r}) is missing")
-    for key in sorted(reader.get_variable_to_shape_map()):
-        try:
-            reader.get_tensor(key)
-        except _READ_ERRORS as e:
-            files = ", ".join(repr(f) for f in data_files)
-            what = ("is missing a shard" if isinstance(
-                e, tf.errors.NotFoundError) else "is truncated or corrupted")
-            return (f"checkpoint {prefix!r}: its data file {files} {what}: "
-                    f"reading {key!r} failed ({type(e).__name__}: "
-                    f"{_first_line(e)})")
-    return None
-
-
-def _first_line(error):
-    text = getattr(error, "message", None) or str(error)
-    return text.strip().splitlines()[0] if text.strip() else repr(error)
-
-
-def _checkpoint_number(prefix):
-    match = re.search(r"-(\d+)$", prefix)
-    return int(match.group(1)) if match else -1
-
-
-def _candidates(manager_or_directory):
-    """Checkpoint prefixes, oldest first, and the directory they are in."""
-    if isinstance(manager_or_directory, tf.train.CheckpointManager):
-        directory = manager_or_directory.directory
-        listed = list(manager_or_directory.checkpoints)
-        latest = manager_or_directory.latest_checkpoint
-    elif isinstance(manager_or_directory, (str, os.PathLike)):
-        directory = os.fspath(manager_or_directory)
-        listed, latest = [], None
-        try:
-            state = tf.train.get_checkpoint_state(directory)
-        except _READ_ERRORS as e:
-            state = None
-            warnings.warn(
-                f"The checkpoint state file in {directory!r} cannot be read "
-                f"({_first_line(e)}); looking for checkpoints on disk.",
-                RuntimeWarning, stacklevel=3)
-        if state is not None:
-            listed = list(state.all_model_checkpoint_paths)
-            latest = state.model_checkpoint_path or None
-    else:
-        raise TypeError(
-            "Argument `manager_or_directory` must be a "
-            "`tf.train.CheckpointManager` or a directory path. Received: "
-            f"{manager_or_directory!r} of type "
-            f"{type(manager_or_directory).__name__}."
-        )
-    if latest and latest not in listed:
-        listed.append(latest)
-    if not listed:
-        # No state file (or an empty one): checkpoints may still be on disk,
-        # e.g. the state file was lost. Starting from scratch would overwrite
-        # them, so use what is there.
-        found = sorted(
-            (p[:-len(".index")] for p in
-             tf.io.gfile.glob(os.path.join(directory, "*.index"))),
-            key=lambda p: (_checkpoint_number(p), p))
-        if found:
-            warnings.warn(
-                f"No checkpoint state file lists the checkpoints in "
-                f"{directory!r}; using the {len(found)} found on disk.",
-                RuntimeWarning, stacklevel=3)
-        listed = found
-    return listed, directory
-
-
-def restore_latest_good(checkpoint, manager_or_directory):
-    """Restores the newest intact checkpoint; falls back past damaged ones.
-
-    For resuming after a crash. The candidates are the checkpoints the
-    `tf.train.CheckpointManager` (or the directory's `checkpoint` state file)
-    lists, newest first. Each is verified before anything is restored: the
-    index must exist and parse, and every tensor must read back with a
-    matching checksum. A damaged checkpoint is skipped with a
-    `RuntimeWarning` naming the file and what is wrong, and the previous one
-    is tried. Nothing on disk is deleted or modified: the next save with the
-    same number overwrites a damaged checkpoint.
-
-    A SIGKILL during `CheckpointManager.save` does not leave a damaged
-    checkpoint in the list (TF writes the data, then the index, then
-    atomically the state file); the verification is for files damaged after
-    the fact (a full disk, a bad copy, truncation by other tools). Such a
-    kill does leave a `<prefix>-N_temp/` directory holding a partly written
-    data file, which TensorFlow never removes (not even when checkpoint N
-    is saved again); it is never read, and it is safe to delete when no
-    save is running.
-
-    Verification reads every tensor once more than a plain restore does.
-
-    Args:
-        checkpoint: the `tf.train.Checkpoint` to restore into.
-        manager_or_directory: a `tf.train.CheckpointManager`, or the
-            directory it writes to.
-
-    Returns:
-        The prefix of the checkpoint restored, or None if there is no
-        checkpoint (a fresh start).
-
-    Raises:
-        ValueError: there are checkpoints but none is intact (the message
-            lists each one and its problem), or the checkpoint does not match
-            `checkpoint`'s objects.
-    """
-    candidates, directory = _candidates(manager_or_directory)
-    problems = []
-    for prefix in reversed(candidates):
-        problem = _checkpoint_problem(prefix)
-        if problem is not None:
-            problems.append(problem)
-            warnings.warn(f"Skipping a damaged checkpoint: {problem}.",
-                          RuntimeWarning, stacklevel=2)
-            continue
-        status = checkpoint.restore(prefix)
-        try:
-            status.assert_existing_objects_matched()
-        except AssertionError as e:
-            raise ValueError(
-                f"Checkpoint {prefix!r} does not match the objects of "
-                f"`checkpoint`: {e}") from e
-        return prefix
-    if problems:
-        raise ValueError(
-            f"No intact checkpoint in {directory!r}; refusing to start from "
-            "scratch over saved state. Problems: " + "; ".join(problems))
-    return None

@@ -1,7 +1,8 @@
 """The AdamW update as pure functions: tensors in, tensors out.
 
 Nothing here creates or assigns a variable or knows about `tf.distribute`;
-`tf_adamw.optimizer.AdamW` owns the state and calls these. Every function
+`tf_adamw.pipeline` runs these against the state. The formulas are those of
+docs/semantics.md, "Formulas". Every function
 follows the operation order of Keras 3 (`keras/src/optimizers/adam.py` and
 `base_optimizer.py`) so float32 results agree with Keras to rounding.
 """
@@ -63,6 +64,55 @@ def clip_by_global_norm(grads, clipnorm):
 def clip_by_value(grad, clipvalue):
     """Clips every element of `grad` into `[-clipvalue, clipvalue]`."""
     return tf.clip_by_value(grad, -clipvalue, clipvalue)
+
+
+def clip(grads, rule):
+    """Clips a list of gradients by `rule` (`Options.clip_rule()`).
+
+    Args:
+        grads: list of dense tensors.
+        rule: `("clipnorm" | "global_clipnorm" | "clipvalue", value)` or
+            None (no clipping).
+
+    Returns:
+        The clipped list (`grads` itself when `rule` is None).
+    """
+    if rule is None:
+        return grads
+    kind, value = rule
+    if kind == "clipnorm":
+        return [clip_by_norm(g, value) for g in grads]
+    if kind == "global_clipnorm":
+        return clip_by_global_norm(grads, value)[0]
+    return [clip_by_value(g, value) for g in grads]
+
+
+def step_scalars(hyper, iterations, dtype):
+    """The scalars of one step in `dtype`, computed once per step.
+
+    Args:
+        hyper: scalar tensors `lr`, `weight_decay`, `beta_1`, `beta_2`,
+            `epsilon` (the values for this step).
+        iterations: the applied updates before this one (int64).
+        dtype: the compute dtype to cast to.
+
+    Returns:
+        `hyper` cast to `dtype`, plus `alpha` (`step_size`), `decay`
+        (`weight_decay * lr`), `one_minus_beta_1` and `one_minus_beta_2`.
+    """
+    s = {k: tf.cast(v, dtype) for k, v in hyper.items()}
+    step = tf.cast(iterations + 1, dtype)
+    s["alpha"] = step_size(s["lr"], s["beta_1"], s["beta_2"], step)
+    s["decay"] = s["weight_decay"] * s["lr"]
+    s["one_minus_beta_1"] = 1 - s["beta_1"]
+    s["one_minus_beta_2"] = 1 - s["beta_2"]
+    return s
+
+
+def all_finite(grads):
+    """A scalar bool: every element of every tensor in `grads` is finite."""
+    return tf.reduce_all(tf.stack(
+        [tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
 
 
 def step_size(learning_rate, beta_1, beta_2, step):

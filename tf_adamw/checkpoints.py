@@ -1,0 +1,172 @@
+"""Crash safety: restore the newest checkpoint that reads back intact.
+
+`restore_latest_good` is for resuming with a `tf.train.CheckpointManager`
+after a crash: it verifies every tensor's checksum before restoring, and
+falls back to the previous checkpoint, with a warning naming the damaged
+file, when the newest is truncated, corrupted or missing a file. Nothing on
+disk is deleted or rewritten.
+"""
+
+import os
+import re
+import warnings
+
+import tensorflow as tf
+
+__all__ = ["restore_latest_good"]
+
+# Errors the checkpoint reader raises for damaged files. It is not only
+# `tf.errors.OpError`: a truncated data file gives an `IndexError` ("Read less
+# bytes than requested") on TF 2.21.
+_READ_ERRORS = (tf.errors.OpError, OSError, IndexError, ValueError,
+                RuntimeError)
+
+
+def _checkpoint_problem(prefix):
+    """Why the checkpoint at `prefix` cannot be trusted, or None if intact.
+
+    Opens the index and reads every tensor: the reader verifies each
+    tensor's CRC32C against the index, so truncated or corrupted data files
+    are caught here, before anything is restored.
+    """
+    index = prefix + ".index"
+    if not tf.io.gfile.exists(index):
+        return f"checkpoint {prefix!r}: its index file {index!r} is missing"
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+    except _READ_ERRORS as e:
+        return (f"checkpoint {prefix!r}: its index file {index!r} cannot be "
+                f"read ({type(e).__name__}: {_first_line(e)})")
+    data_files = sorted(tf.io.gfile.glob(prefix + ".data-*"))
+    if not data_files:
+        return (f"checkpoint {prefix!r}: its data file "
+                f"{prefix + '.data-00000-of-00001'!r} (or any "
+                f"{prefix + '.data-*'!r}) is missing")
+    for key in sorted(reader.get_variable_to_shape_map()):
+        try:
+            reader.get_tensor(key)
+        except _READ_ERRORS as e:
+            files = ", ".join(repr(f) for f in data_files)
+            what = ("is missing a shard" if isinstance(
+                e, tf.errors.NotFoundError) else "is truncated or corrupted")
+            return (f"checkpoint {prefix!r}: its data file {files} {what}: "
+                    f"reading {key!r} failed ({type(e).__name__}: "
+                    f"{_first_line(e)})")
+    return None
+
+
+def _first_line(error):
+    text = getattr(error, "message", None) or str(error)
+    return text.strip().splitlines()[0] if text.strip() else repr(error)
+
+
+def _checkpoint_number(prefix):
+    match = re.search(r"-(\d+)$", prefix)
+    return int(match.group(1)) if match else -1
+
+
+def _candidates(manager_or_directory):
+    """Checkpoint prefixes, oldest first, and the directory they are in."""
+    if isinstance(manager_or_directory, tf.train.CheckpointManager):
+        directory = manager_or_directory.directory
+        listed = list(manager_or_directory.checkpoints)
+        latest = manager_or_directory.latest_checkpoint
+    elif isinstance(manager_or_directory, (str, os.PathLike)):
+        directory = os.fspath(manager_or_directory)
+        listed, latest = [], None
+        try:
+            state = tf.train.get_checkpoint_state(directory)
+        except _READ_ERRORS as e:
+            state = None
+            warnings.warn(
+                f"The checkpoint state file in {directory!r} cannot be read "
+                f"({_first_line(e)}); looking for checkpoints on disk.",
+                RuntimeWarning, stacklevel=3)
+        if state is not None:
+            listed = list(state.all_model_checkpoint_paths)
+            latest = state.model_checkpoint_path or None
+    else:
+        raise TypeError(
+            "Argument `manager_or_directory` must be a "
+            "`tf.train.CheckpointManager` or a directory path. Received: "
+            f"{manager_or_directory!r} of type "
+            f"{type(manager_or_directory).__name__}."
+        )
+    if latest and latest not in listed:
+        listed.append(latest)
+    if not listed:
+        # No state file (or an empty one): checkpoints may still be on disk,
+        # e.g. the state file was lost. Starting from scratch would overwrite
+        # them, so use what is there.
+        found = sorted(
+            (p[:-len(".index")] for p in
+             tf.io.gfile.glob(os.path.join(directory, "*.index"))),
+            key=lambda p: (_checkpoint_number(p), p))
+        if found:
+            warnings.warn(
+                f"No checkpoint state file lists the checkpoints in "
+                f"{directory!r}; using the {len(found)} found on disk.",
+                RuntimeWarning, stacklevel=3)
+        listed = found
+    return listed, directory
+
+
+def restore_latest_good(checkpoint, manager_or_directory):
+    """Restores the newest intact checkpoint; falls back past damaged ones.
+
+    For resuming after a crash. The candidates are the checkpoints the
+    `tf.train.CheckpointManager` (or the directory's `checkpoint` state file)
+    lists, newest first. Each is verified before anything is restored: the
+    index must exist and parse, and every tensor must read back with a
+    matching checksum. A damaged checkpoint is skipped with a
+    `RuntimeWarning` naming the file and what is wrong, and the previous one
+    is tried. Nothing on disk is deleted or modified: the next save with the
+    same number overwrites a damaged checkpoint.
+
+    A SIGKILL during `CheckpointManager.save` does not leave a damaged
+    checkpoint in the list (TF writes the data, then the index, then
+    atomically the state file); the verification is for files damaged after
+    the fact (a full disk, a bad copy, truncation by other tools). Such a
+    kill does leave a `<prefix>-N_temp/` directory holding a partly written
+    data file, which TensorFlow never removes (not even when checkpoint N
+    is saved again); it is never read, and it is safe to delete when no
+    save is running.
+
+    Verification reads every tensor once more than a plain restore does.
+
+    Args:
+        checkpoint: the `tf.train.Checkpoint` to restore into.
+        manager_or_directory: a `tf.train.CheckpointManager`, or the
+            directory it writes to.
+
+    Returns:
+        The prefix of the checkpoint restored, or None if there is no
+        checkpoint (a fresh start).
+
+    Raises:
+        ValueError: there are checkpoints but none is intact (the message
+            lists each one and its problem), or the checkpoint does not match
+            `checkpoint`'s objects.
+    """
+    candidates, directory = _candidates(manager_or_directory)
+    problems = []
+    for prefix in reversed(candidates):
+        problem = _checkpoint_problem(prefix)
+        if problem is not None:
+            problems.append(problem)
+            warnings.warn(f"Skipping a damaged checkpoint: {problem}.",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        status = checkpoint.restore(prefix)
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError as e:
+            raise ValueError(
+                f"Checkpoint {prefix!r} does not match the objects of "
+                f"`checkpoint`: {e}") from e
+        return prefix
+    if problems:
+        raise ValueError(
+            f"No intact checkpoint in {directory!r}; refusing to start from "
+            "scratch over saved state. Problems: " + "; ".join(problems))
+    return None

@@ -1,0 +1,187 @@
+"""The optimizer's options: validated once, frozen, and serialised.
+
+`Options` holds every constructor argument that is fixed for the life of an
+optimizer (clipping, EMA, accumulation, AMSGrad, which step may run). The
+hyperparameters that may be schedules, callables or variables (learning
+rate, betas, epsilon) are checked here as numbers (`check_hyperparameter`)
+and kept as state by `tf_adamw.state`.
+
+This module imports neither TensorFlow nor Keras, so the trainer can
+validate its configuration with the same rules before it starts TensorFlow.
+Every error names the argument and the value received.
+"""
+
+import dataclasses
+import math
+import numbers
+import typing
+
+import numpy as np
+
+# The range each numeric hyperparameter must lie in, as `number()` keywords.
+HYPERPARAMETER_RANGES = {
+    "learning_rate": {"low": 0.0},
+    "weight_decay": {"low": 0.0},
+    "beta_1": {"low": 0.0, "high": 1.0, "high_open": True},
+    "beta_2": {"low": 0.0, "high": 1.0, "high_open": True},
+    "epsilon": {"low": 0.0},
+}
+
+
+def is_number(value):
+    """True for real Python/NumPy numbers, False for bools."""
+    return isinstance(value, numbers.Real) and not isinstance(
+        value, (bool, np.bool_))
+
+
+def number(name, value, *, low=None, high=None, low_open=False,
+           high_open=False):
+    """Validates a finite real number in a range and returns it as float.
+
+    Raises:
+        TypeError: `value` is not a real number.
+        ValueError: it is not finite or outside the range.
+    """
+    if not is_number(value):
+        raise TypeError(
+            f"Argument `{name}` must be a number. Received: {name}={value!r} "
+            f"of type {type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(
+            f"Argument `{name}` must be finite. Received: {name}={value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (
+        value >= high if high_open else value > high)
+    if too_low or too_high:
+        interval = (f"{'(' if low_open else '['}"
+                    f"{'-inf' if low is None else low}, "
+                    f"{'inf' if high is None else high}"
+                    f"{')' if high_open else ']'}")
+        raise ValueError(
+            f"Argument `{name}` must be in {interval}. "
+            f"Received: {name}={value}")
+    return value
+
+
+def optional_number(name, value, **kwargs):
+    """Like `number` but lets None through."""
+    return None if value is None else number(name, value, **kwargs)
+
+
+def boolean(name, value):
+    """Validates a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"Argument `{name}` must be a bool. Received: {name}={value!r} "
+            f"of type {type(value).__name__}.")
+    return bool(value)
+
+
+def optional_int(name, value, minimum, what):
+    """Validates an int >= minimum, or None."""
+    if value is None:
+        return None
+    if (isinstance(value, (bool, np.bool_))
+            or not isinstance(value, numbers.Integral) or value < minimum):
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum} or None ({what}). "
+            f"Received: {name}={value!r}")
+    return int(value)
+
+
+def check_hyperparameter(name, value):
+    """Validates a numeric hyperparameter against its range; returns float."""
+    return number(name, value, **HYPERPARAMETER_RANGES[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The fixed options of one `AdamW`, validated (see `validate`)."""
+    name: str = "adamw"
+    amsgrad: bool = False
+    clipnorm: typing.Optional[float] = None
+    clipvalue: typing.Optional[float] = None
+    global_clipnorm: typing.Optional[float] = None
+    use_ema: bool = False
+    ema_momentum: float = 0.99
+    ema_overwrite_frequency: typing.Optional[int] = None
+    loss_scale_factor: typing.Optional[float] = None
+    gradient_accumulation_steps: typing.Optional[int] = None
+    jit_compile: bool = True
+    skip_nonfinite_gradients: bool = False
+    fused: typing.Optional[bool] = None
+
+    def clip_rule(self):
+        """`(kind, value)` of the clipping in use, or None.
+
+        Keras applies a clip argument only when it is > 0; at most one is
+        set (`validate`).
+        """
+        for kind in ("clipnorm", "global_clipnorm", "clipvalue"):
+            value = getattr(self, kind)
+            if value is not None and value > 0:
+                return kind, value
+        return None
+
+    def to_config(self):
+        """The options as Keras config keys (hyperparameters not included)."""
+        config = dataclasses.asdict(self)
+        config.pop("name")
+        return config
+
+
+def validate(*, name="adamw", amsgrad=False, clipnorm=None, clipvalue=None,
+             global_clipnorm=None, use_ema=False, ema_momentum=0.99,
+             ema_overwrite_frequency=None, loss_scale_factor=None,
+             gradient_accumulation_steps=None, jit_compile=True,
+             skip_nonfinite_gradients=False, fused=None):
+    """Checks the fixed constructor arguments and returns `Options`.
+
+    Raises:
+        TypeError, ValueError: naming the argument and the value.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            "Argument `name` must be a non-empty string. Received: "
+            f"name={name!r}")
+    clip_args = (clipnorm, clipvalue, global_clipnorm)
+    if sum(a is not None for a in clip_args) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can "
+            f"be set. Received: clipnorm={clipnorm}, "
+            f"clipvalue={clipvalue}, global_clipnorm={global_clipnorm}")
+    use_ema = boolean("use_ema", use_ema)
+    return Options(
+        name=name,
+        amsgrad=boolean("amsgrad", amsgrad),
+        clipnorm=optional_number("clipnorm", clipnorm),
+        clipvalue=optional_number("clipvalue", clipvalue),
+        global_clipnorm=optional_number("global_clipnorm", global_clipnorm),
+        use_ema=use_ema,
+        ema_momentum=_ema_momentum(ema_momentum, use_ema),
+        ema_overwrite_frequency=optional_int(
+            "ema_overwrite_frequency", ema_overwrite_frequency, 1,
+            "applied updates between overwrites"),
+        loss_scale_factor=optional_number(
+            "loss_scale_factor", loss_scale_factor, low=0.0, low_open=True),
+        gradient_accumulation_steps=optional_int(
+            "gradient_accumulation_steps", gradient_accumulation_steps, 2,
+            "calls per applied update"),
+        jit_compile=boolean("jit_compile", jit_compile),
+        skip_nonfinite_gradients=boolean(
+            "skip_nonfinite_gradients", skip_nonfinite_gradients),
+        fused=None if fused is None else boolean("fused", fused),
+    )
+
+
+def _ema_momentum(value, use_ema):
+    # Keras checks the range only when the EMA is in use; any number is
+    # accepted (and reported back by get_config) otherwise.
+    if use_ema:
+        return number("ema_momentum", value, low=0.0, high=1.0)
+    if not is_number(value):
+        raise TypeError(
+            "Argument `ema_momentum` must be a number. Received: "
+            f"ema_momentum={value!r}")
+    return float(value)

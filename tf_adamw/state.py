@@ -1,0 +1,404 @@
+"""The optimizer's state: variables, slots, the weight-decay mask, a step's view.
+
+`AdamW` holds the tracked state (its attribute names are the checkpoint
+keys, see docs/semantics.md, "Checkpoint view"); this module makes it and
+describes it:
+
+- `counter`, `hyperparameter`: the optimizer's own scalar variables.
+- `VariableTable`: the model variables an optimizer was built with, with
+  what the step needs per variable (decay or not, compute dtype, shape), and
+  the checks that align a call's gradients with them.
+- `DecayMask`: which variables are excluded from weight decay.
+- `create_slots`: the per-variable slots, named as Keras names them.
+- `StepState`: one replica's copies of everything a step reads or writes.
+- `write_averages`: the one way EMA averages are written into variables.
+"""
+
+import re
+import typing
+
+import numpy as np
+import tensorflow as tf
+
+from tf_adamw import distribute
+from tf_adamw import kernels
+from tf_adamw import options as options_lib
+from tf_adamw import update
+
+SLOT_KINDS = ("momentum", "velocity", "velocity_hat", "average",
+              "accumulator")
+# The tracked list of each slot kind on `AdamW` (checkpoint keys).
+SLOT_ATTRIBUTES = {"momentum": "_momentums", "velocity": "_velocities",
+                   "velocity_hat": "_velocity_hats", "average": "_averages",
+                   "accumulator": "_accumulators"}
+
+
+def unwrap(variable):
+    """The `tf.Variable` behind a user variable (Keras 3 wraps its own)."""
+    if isinstance(variable, tf.Variable):
+        return variable
+    inner = getattr(variable, "value", None)
+    if isinstance(inner, tf.Variable):
+        return inner
+    raise TypeError(
+        "AdamW updates `tf.Variable`s (or Keras variables). Received "
+        f"{variable!r} of type {type(variable).__name__}.")
+
+
+def var_key(variable):
+    """A key identifying a variable, the same for every replica's copy."""
+    variable = unwrap(variable)
+    if not isinstance(variable, tf.distribute.DistributedValues):
+        container = getattr(variable, "_distributed_container", None)
+        if container is None:
+            # ResourceVariables of a strategy carry it on their handle.
+            container = getattr(getattr(variable, "handle", None),
+                                "_distributed_container", None)
+        if container is not None:
+            variable = container()
+    return variable._unique_id  # pylint: disable=protected-access
+
+
+def var_name(variable):
+    """The name Keras matches exclusion patterns against."""
+    return str(getattr(variable, "path", None) or variable.name)
+
+
+def slot_name(variable, kind):
+    """Keras's slot variable name, e.g. `dense_kernel_momentum`."""
+    base = re.sub(r":\d+$", "", var_name(variable))
+    return f"{base.replace('/', '_').replace(':', '_')}_{kind}"
+
+
+def slot_kinds(options):
+    """The slot kinds an optimizer with `options` keeps, in order."""
+    kinds = ["momentum", "velocity"]
+    if options.amsgrad:
+        kinds.append("velocity_hat")
+    if options.use_ema:
+        kinds.append("average")
+    if options.gradient_accumulation_steps:
+        kinds.append("accumulator")
+    return kinds
+
+
+# ----------------------------------------------------------------------------
+# The optimizer's own variables.
+
+
+def counter(prefix, name):
+    """An int64 counter variable, created where the caller's scope says."""
+    # Aggregation NONE everywhere: every replica writes the same value to its
+    # own copy, so no update needs a collective (and TPUs cannot all-reduce
+    # int64).
+    return tf.Variable(0, dtype=tf.int64, trainable=False,
+                       name=f"{prefix}/{name}",
+                       aggregation=tf.VariableAggregation.NONE)
+
+
+def eager_scalar(value):
+    """The Python float held by an eager scalar float tensor, else None."""
+    if isinstance(value, tf.Tensor) and not isinstance(value, tf.Variable):
+        if not hasattr(value, "numpy"):
+            return None  # symbolic
+        if value.shape.rank != 0 or not value.dtype.is_floating:
+            return None
+        return float(value.numpy())
+    if isinstance(value, np.ndarray) and value.shape == () and (
+            np.issubdtype(value.dtype, np.floating)):
+        return float(value)
+    return None
+
+
+def is_read_each_step(value):
+    """True for values the step reads anew on every call: variables and
+    callables (schedules are callables too)."""
+    return isinstance(value, tf.Variable) or (
+        callable(value) and not isinstance(value, tf.Tensor))
+
+
+def checked_float(name, value):
+    """`value` (a number or eager scalar tensor) as a checked float."""
+    scalar = eager_scalar(value)
+    return options_lib.check_hyperparameter(
+        name, value if scalar is None else scalar)
+
+
+def hyperparameter(prefix, name, value, *, schedule_ok=False):
+    """A float32 variable for a number; a schedule/callable/variable as is.
+
+    Returns:
+        `(value_or_variable, given)`: `given` is the checked Python float
+        when a variable was created, else None.
+    """
+    if is_read_each_step(value):
+        return value, None
+    if eager_scalar(value) is None and not options_lib.is_number(value):
+        kinds = ("a float, a LearningRateSchedule or a callable" if schedule_ok
+                 else "a float, a scalar float tensor or a callable")
+        raise TypeError(
+            f"Argument `{name}` must be {kinds}. Received: "
+            f"{name}={value!r} of type {type(value).__name__}.")
+    given = checked_float(name, value)
+    variable = tf.Variable(given, dtype=tf.float32, trainable=False,
+                           name=f"{prefix}/{name}",
+                           aggregation=tf.VariableAggregation.NONE)
+    return variable, given
+
+
+# ----------------------------------------------------------------------------
+# The model variables.
+
+
+class DecayMask:
+    """Which variables weight decay skips: by variable, or by name pattern."""
+
+    def __init__(self, var_list=None, var_names=None):
+        if isinstance(var_names, str) or any(
+                not isinstance(n, str) for n in var_names or []):
+            raise TypeError(
+                "Argument `var_names` must be a list of strings. Received: "
+                f"var_names={var_names!r}")
+        self._keys = {var_key(v) for v in var_list or []}
+        self._pattern = None
+        if var_names:
+            try:
+                self._pattern = re.compile("|".join(sorted(set(var_names))))
+            except re.error as e:
+                raise ValueError(
+                    "Argument `var_names` must hold valid regular "
+                    f"expressions. Received: var_names={var_names!r} ({e})"
+                ) from e
+
+    def decays(self, variable):
+        """True when weight decay applies to `variable`."""
+        if var_key(variable) in self._keys:
+            return False
+        if self._pattern is not None:
+            names = {var_name(variable), str(variable.name),
+                     str(unwrap(variable).name)}
+            if any(self._pattern.search(n) for n in names):
+                return False
+        return True
+
+
+class VariableTable:
+    """The model variables an optimizer was built with, and their facts."""
+
+    def __init__(self, var_list, decay_mask):
+        """Checks `var_list` (floating point, no duplicates) and indexes it.
+
+        Raises:
+            ValueError: empty, an integer variable, or a duplicate.
+        """
+        if not var_list:
+            raise ValueError("Argument `var_list` must not be empty.")
+        self.var_list = list(var_list)  # as the user passed them
+        self.tf_vars = [unwrap(v) for v in self.var_list]
+        self.index = {}  # var_key -> position
+        for i, (variable, tf_var) in enumerate(zip(self.var_list,
+                                                   self.tf_vars)):
+            if not tf_var.dtype.is_floating:
+                raise ValueError(
+                    "AdamW can only update floating-point variables. "
+                    f"Variable {var_name(variable)!r} has dtype "
+                    f"{tf_var.dtype.name}.")
+            key = var_key(variable)
+            if key in self.index:
+                raise ValueError(
+                    f"Variable {var_name(variable)!r} appears twice in "
+                    "`var_list`.")
+            self.index[key] = i
+        self.use_decay = [decay_mask.decays(v) for v in self.var_list]
+        self.compute_dtypes = [update.compute_dtype(v.dtype)
+                               for v in self.tf_vars]
+        # Shape tuples (None if not fully known), compared in bulk per call.
+        self.shapes = [tuple(v.shape.as_list()) if v.shape.is_fully_defined()
+                       else None for v in self.tf_vars]
+
+    def __len__(self):
+        return len(self.var_list)
+
+    def keys(self):
+        """The variables' keys, in order."""
+        return [var_key(v) for v in self.var_list]
+
+    def index_of(self, variable):
+        """The position of `variable`, or a ValueError naming it."""
+        key = var_key(variable)
+        if key not in self.index:
+            raise ValueError(
+                f"Unknown variable: {var_name(variable)!r}. This optimizer "
+                "can only be called for the variables it was built with "
+                f"({len(self.var_list)} variables). When working with a new "
+                "set of variables, create a new optimizer.")
+        return self.index[key]
+
+    def is_built_list(self, variables):
+        """True when `variables` is exactly the built list, in order."""
+        return len(variables) == len(self.var_list) and all(
+            a is b for a, b in zip(variables, self.var_list))
+
+    def matches(self, grads):
+        """True when `grads` are dense tensors of exactly the built shapes and
+        compute dtypes, one per variable: the common case, checked in bulk
+        (eager steps of many small variables are bound by this Python;
+        DTypes are interned, so the list comparison is by identity)."""
+        try:
+            return ([g._shape_tuple() for g in grads] == self.shapes  # pylint: disable=protected-access
+                    and [g.dtype for g in grads] == self.compute_dtypes)
+        except AttributeError:  # None, IndexedSlices, per-replica values
+            return False
+
+    def align(self, grads, variables):
+        """`grads` placed at their variables' positions (None elsewhere).
+
+        Raises:
+            ValueError: an unknown variable, a gradient of the wrong shape or
+                a non-float dtype, or no gradient at all.
+        """
+        indices = (range(len(variables)) if self.is_built_list(variables)
+                   else [self.index_of(v) for v in variables])
+        full = [None] * len(self.var_list)
+        missing = []
+        for grad, variable, i in zip(grads, variables, indices):
+            if grad is None:
+                missing.append(var_name(variable))
+            else:
+                full[i] = self.checked_gradient(grad, variable, i)
+        if all(g is None for g in full):
+            raise ValueError(
+                "No gradients provided for any variable: "
+                f"{[var_name(v) for v in variables]}.")
+        return full, missing
+
+    def checked_gradient(self, grad, variable, i):
+        """`grad` for variable `i`, checked for shape and dtype."""
+        shape_tuple = getattr(grad, "_shape_tuple", None)
+        if shape_tuple is not None and (
+                shape_tuple() == self.shapes[i] and grad.dtype.is_floating):
+            return grad  # the common case, without building TensorShapes
+        if distribute.is_distributed(grad):
+            # Per-replica gradients (from `strategy.run`) applied in a
+            # cross-replica context: check each replica's component.
+            for component in grad.values:
+                self.checked_gradient(component, variable, i)
+            return grad
+        shape = self.tf_vars[i].shape
+        if isinstance(grad, tf.IndexedSlices):
+            got = grad.values.shape
+            ok = got.rank is None or got[1:].is_compatible_with(shape[1:])
+        else:
+            if not tf.is_tensor(grad):
+                grad = tf.convert_to_tensor(grad)
+            got = grad.shape
+            ok = got.is_compatible_with(shape)
+        if not ok:
+            raise ValueError(
+                f"Gradient shape {got} does not match the shape {shape} of "
+                f"variable {var_name(variable)!r}.")
+        if not grad.dtype.is_floating:
+            raise ValueError(
+                f"The gradient of variable {var_name(variable)!r} has dtype "
+                f"{grad.dtype.name}; it must be floating point.")
+        return grad
+
+
+def create_slots(table, options, strategy):
+    """Zero slots for every variable of `table`: `{kind: [variable, ...]}`.
+
+    Each slot is colocated with its variable (every replica gets a copy under
+    a mirroring strategy) and has the variable's compute dtype.
+    """
+    kinds = slot_kinds(options)
+    slots = {kind: [] for kind in SLOT_KINDS}
+    with tf.init_scope():
+        for variable, tf_var, dtype in zip(table.var_list, table.tf_vars,
+                                           table.compute_dtypes):
+            with strategy.extended.colocate_vars_with(tf_var):
+                for kind in kinds:
+                    slots[kind].append(tf.Variable(
+                        tf.zeros(tf_var.shape, dtype), trainable=False,
+                        name=f"{options.name}/{slot_name(variable, kind)}",
+                        aggregation=tf.VariableAggregation.NONE))
+    return slots
+
+
+class StepState(typing.NamedTuple):
+    """One replica's (or the only device's) copy of what a step touches.
+
+    Lists are aligned with the built variables; a list of a slot kind not in
+    use is empty, and a counter not in use is None.
+    """
+    variables: list
+    momentums: list
+    velocities: list
+    velocity_hats: list
+    averages: list
+    accumulators: list
+    iterations: tf.Variable
+    accumulation_count: typing.Optional[tf.Variable]
+    skipped_steps: typing.Optional[tf.Variable]
+
+
+def step_state(tf_vars, slots, counters, local=distribute.local):
+    """A `StepState` of `local` copies.
+
+    Args:
+        tf_vars: the model variables.
+        slots: `{kind: [variable, ...]}` for every kind in `SLOT_KINDS`.
+        counters: `(iterations, accumulation_count, skipped_steps)`, the
+            last two possibly None.
+        local: maps a (possibly mirrored) variable to the copy to use.
+    """
+    iterations, accumulation_count, skipped_steps = counters
+    return StepState(
+        variables=[local(v) for v in tf_vars],
+        momentums=[local(v) for v in slots["momentum"]],
+        velocities=[local(v) for v in slots["velocity"]],
+        velocity_hats=[local(v) for v in slots["velocity_hat"]],
+        averages=[local(v) for v in slots["average"]],
+        accumulators=[local(v) for v in slots["accumulator"]],
+        iterations=local(iterations),
+        accumulation_count=(None if accumulation_count is None
+                            else local(accumulation_count)),
+        skipped_steps=None if skipped_steps is None else local(skipped_steps),
+    )
+
+
+def write_averages(variables, averages):
+    """`variable = average` for each pair, cast to the variable's dtype.
+
+    The one way averages reach variables: the periodic overwrite inside a
+    step, `finalize_variable_values` and `tf_adamw.ema_weights`. Averages of
+    16-bit variables are float32.
+    """
+    for variable, average in zip(variables, averages):
+        variable.assign(tf.cast(average, variable.dtype))
+
+
+def slot_tables(momentums, velocities, velocity_hats):
+    """The fused kernel's slot table for each device holding slots.
+
+    The kernel reaches the slots through one table per device rather than
+    one handle per slot: a `tf.function` running the step then has one input
+    for all slots, and TF's cost per function input (~1.4 us per call) was
+    most of a step on 200 small variables. Make it under `tf.init_scope()`.
+
+    Returns:
+        `{device: table}`.
+    """
+    per_device = {}
+    for kind, slots in (("momentums", momentums), ("velocities", velocities),
+                        ("velocity_hats", velocity_hats)):
+        for slot in slots:
+            for copy in distribute.copies(slot):
+                per_device.setdefault(copy.device, {}).setdefault(
+                    kind, []).append(copy)
+    tables = {}
+    for device, kinds in per_device.items():
+        with tf.device(device):
+            tables[device] = kernels.slot_table(
+                kinds["momentums"], kinds["velocities"],
+                kinds.get("velocity_hats", []))
+    return tables
