@@ -153,3 +153,29 @@ def on_every_replica(strategy, grads, step, extra, *, anchor, targets,
 
     tf.__internal__.distribute.interim.maybe_merge_call(
         update_every_replica, strategy, present, extra)
+
+
+def strategy_for_build(init_strategy):
+    """The current strategy, checked for `build()`.
+
+    Args:
+        init_strategy: the strategy current when the optimizer was created.
+
+    Raises:
+        ValueError: an unsupported strategy, another strategy than
+            `init_strategy`, or a replica context.
+    """
+    strategy = tf.distribute.get_strategy()
+    check_supported(strategy)
+    if strategy is not init_strategy:
+        raise ValueError(
+            f"This optimizer was created under {type(init_strategy).__name__}"
+            f" but is built under {type(strategy).__name__}. Create the "
+            "optimizer and call `optimizer.build(model.trainable_variables)` "
+            "inside the same `strategy.scope()`.")
+    require_cross_replica(
+        "optimizer.build(model.trainable_variables)",
+        "the optimizer cannot create its slots inside `strategy.run` "
+        "(replica context). Call it under `strategy.scope()` before running "
+        "the training step.")
+    return strategy

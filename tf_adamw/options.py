@@ -15,6 +15,7 @@ import dataclasses
 import math
 import numbers
 import typing
+import warnings
 
 import numpy as np
 
@@ -173,6 +174,32 @@ def validate(*, name="adamw", amsgrad=False, clipnorm=None, clipvalue=None,
             "skip_nonfinite_gradients", skip_nonfinite_gradients),
         fused=None if fused is None else boolean("fused", fused),
     )
+
+
+def extra_keywords(kwargs, *, weight_decay):
+    """The keyword arguments `AdamW` takes beyond Keras's signature.
+
+    `decay` is accepted with a warning and ignored (Keras compatibility);
+    `jit_compile`, `skip_nonfinite_gradients` and `fused` are returned for
+    `validate`. Also refuses `weight_decay=None` as Keras does.
+
+    Raises:
+        ValueError: any other key, or `weight_decay` is None.
+    """
+    kwargs = dict(kwargs)
+    if kwargs.pop("decay", None) is not None:
+        warnings.warn(
+            "Argument `decay` is no longer supported and will be ignored.")
+    ours = {k: kwargs.pop(k) for k in
+            ("jit_compile", "skip_nonfinite_gradients", "fused")
+            if k in kwargs}
+    if kwargs:
+        raise ValueError(f"Argument(s) not recognized: {kwargs}")
+    if weight_decay is None:
+        raise ValueError(
+            "Argument `weight_decay` must be a float. Received: "
+            "weight_decay=None")
+    return ours
 
 
 def _ema_momentum(value, use_ema):

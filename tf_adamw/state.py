@@ -4,7 +4,8 @@
 keys, see docs/semantics.md, "Checkpoint view"); this module makes it and
 describes it:
 
-- `counter`, `hyperparameter`: the optimizer's own scalar variables.
+- `counter`: the optimizer's own counters (hyperparameters:
+  `tf_adamw.hyperparameters`).
 - `VariableTable`: the model variables an optimizer was built with, with
   what the step needs per variable (decay or not, compute dtype, shape), and
   the checks that align a call's gradients with them.
@@ -17,12 +18,10 @@ describes it:
 import re
 import typing
 
-import numpy as np
 import tensorflow as tf
 
 from tf_adamw import distribute
 from tf_adamw import kernels
-from tf_adamw import options as options_lib
 from tf_adamw import update
 
 SLOT_KINDS = ("momentum", "velocity", "velocity_hat", "average",
@@ -94,56 +93,6 @@ def counter(prefix, name):
     return tf.Variable(0, dtype=tf.int64, trainable=False,
                        name=f"{prefix}/{name}",
                        aggregation=tf.VariableAggregation.NONE)
-
-
-def eager_scalar(value):
-    """The Python float held by an eager scalar float tensor, else None."""
-    if isinstance(value, tf.Tensor) and not isinstance(value, tf.Variable):
-        if not hasattr(value, "numpy"):
-            return None  # symbolic
-        if value.shape.rank != 0 or not value.dtype.is_floating:
-            return None
-        return float(value.numpy())
-    if isinstance(value, np.ndarray) and value.shape == () and (
-            np.issubdtype(value.dtype, np.floating)):
-        return float(value)
-    return None
-
-
-def is_read_each_step(value):
-    """True for values the step reads anew on every call: variables and
-    callables (schedules are callables too)."""
-    return isinstance(value, tf.Variable) or (
-        callable(value) and not isinstance(value, tf.Tensor))
-
-
-def checked_float(name, value):
-    """`value` (a number or eager scalar tensor) as a checked float."""
-    scalar = eager_scalar(value)
-    return options_lib.check_hyperparameter(
-        name, value if scalar is None else scalar)
-
-
-def hyperparameter(prefix, name, value, *, schedule_ok=False):
-    """A float32 variable for a number; a schedule/callable/variable as is.
-
-    Returns:
-        `(value_or_variable, given)`: `given` is the checked Python float
-        when a variable was created, else None.
-    """
-    if is_read_each_step(value):
-        return value, None
-    if eager_scalar(value) is None and not options_lib.is_number(value):
-        kinds = ("a float, a LearningRateSchedule or a callable" if schedule_ok
-                 else "a float, a scalar float tensor or a callable")
-        raise TypeError(
-            f"Argument `{name}` must be {kinds}. Received: "
-            f"{name}={value!r} of type {type(value).__name__}.")
-    given = checked_float(name, value)
-    variable = tf.Variable(given, dtype=tf.float32, trainable=False,
-                           name=f"{prefix}/{name}",
-                           aggregation=tf.VariableAggregation.NONE)
-    return variable, given
 
 
 # ----------------------------------------------------------------------------
@@ -302,6 +251,21 @@ class VariableTable:
                 f"The gradient of variable {var_name(variable)!r} has dtype "
                 f"{grad.dtype.name}; it must be floating point.")
         return grad
+
+
+def split_pairs(grads_and_vars):
+    """`(grads, variables)` lists from `(gradient, variable)` pairs.
+
+    Raises:
+        TypeError: an item is not a pair.
+    """
+    pairs = list(grads_and_vars)
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(
+                "Argument `grads_and_vars` must be a list of "
+                f"(gradient, variable) pairs. Received an item {pair!r}.")
+    return [g for g, _ in pairs], [v for _, v in pairs]
 
 
 def create_slots(table, options, strategy):

@@ -1,0 +1,219 @@
+"""The untracked half of an `AdamW`: what `build()` makes, and the step.
+
+`tf.Module` tracks every trackable attribute. The model's variables, the
+compiled step functions and the fused kernel's slot tables must not become
+part of the optimizer's saved state, so they live in an `Engine`, a plain
+object the optimizer holds. The engine reaches the tracked state (counters,
+slot lists, hyperparameters) through the optimizer's own containers, which
+it is given, so that checkpoints keep their keys.
+"""
+
+import warnings
+
+import tensorflow as tf
+
+from tf_adamw import distribute
+from tf_adamw import hyperparameters
+from tf_adamw import pipeline
+from tf_adamw import state as state_lib
+from tf_adamw import step_kinds
+from tf_adamw import update
+
+
+class Engine:
+    """Builds an optimizer's slots and runs its steps.
+
+    Args:
+        options: the optimizer's `Options`.
+        counters: `(iterations, accumulation_count, skipped_steps)`, the
+            last two None when not in use.
+        slot_lists: `{kind: tracked list}` for every kind in
+            `state.SLOT_KINDS`; `build` extends them.
+        hyperparameter_values: a callable returning `{name: value}` of the
+            hyperparameters now (a setter may replace one).
+        own_hyperparameters: `{name: variable}` the optimizer created for
+            numbers.
+        given: `{name: the Python float given}` for those; a setter updates
+            it (`get_config` reports the float, not its float32 rounding).
+    """
+
+    def __init__(self, options, counters, slot_lists, hyperparameter_values,
+                 own_hyperparameters, given):
+        self.options = options
+        self.counters = counters
+        self.slot_lists = slot_lists
+        self.hyperparameter_values = hyperparameter_values
+        self.own_hyperparameters = own_hyperparameters
+        self.given = given
+        self.decay_mask = state_lib.DecayMask()
+        self.runner = step_kinds.StepRunner(
+            self.replica_step, self.step_scalars, options.jit_compile)
+        self.table = None  # state.VariableTable, made by build()
+        # Why the fused kernel cannot run these variables (None: it can).
+        self.fused_blocker = "not built"
+        self.slot_tables = {}  # device -> the kernel's slot table
+        self.own_state = None  # the StepState of a one-device optimizer
+        self.init_strategy = tf.distribute.get_strategy()
+        self.strategy = None  # the strategy of build()
+        self.distributed = False  # built under a non-default strategy
+
+    @property
+    def iterations(self):
+        return self.counters[0]
+
+    # ------------------------------------------------------------------
+    # Building.
+
+    def build(self, var_list):
+        """Checks `var_list`, creates the slots and the kernel's tables.
+
+        Raises:
+            ValueError: see `AdamW.build`.
+        """
+        if self.table is not None:
+            if [state_lib.var_key(v) for v in var_list] != self.table.keys():
+                raise ValueError(
+                    f"This optimizer is already built with {len(self.table)} "
+                    "variables; it cannot be built again with a different "
+                    "`var_list`. Create a new optimizer for a new set of "
+                    "variables.")
+            return
+        if not var_list:
+            raise ValueError("Argument `var_list` must not be empty.")
+        strategy = distribute.strategy_for_build(self.init_strategy)
+        table = state_lib.VariableTable(var_list, self.decay_mask)
+        blocker = step_kinds.kernel_blocker(
+            self.options.fused, table.tf_vars, table.compute_dtypes)
+        if self.options.fused and blocker:
+            raise ValueError(
+                "Argument `fused=True`, but the fused AdamW kernel cannot run "
+                f"these variables: {blocker}. Use `fused=None` (the default) "
+                "to fall back to the XLA step.")
+        slots = state_lib.create_slots(table, self.options, strategy)
+        self.table, self.fused_blocker = table, blocker
+        self.strategy = strategy
+        self.distributed = tf.distribute.has_strategy()
+        # Extending the tracked lists made in AdamW.__init__ names the slots
+        # `_momentums/0`, ...; a checkpoint restored into the unbuilt
+        # optimizer is bound to those lists and fills each slot as it is
+        # appended (deferred restoration). Replacing the lists would lose it.
+        for kind, slot_list in self.slot_lists.items():
+            slot_list.extend(slots[kind])
+        if blocker is None:
+            with tf.init_scope():
+                self.slot_tables = state_lib.slot_tables(
+                    self.slot_lists["momentum"], self.slot_lists["velocity"],
+                    self.slot_lists["velocity_hat"])
+
+    def index_of(self, variable):
+        """The position of `variable` in the built list.
+
+        Raises:
+            ValueError: naming it, when the optimizer was not built with it.
+        """
+        if self.table is None:
+            raise ValueError(
+                f"Unknown variable: {state_lib.var_name(variable)!r}. This "
+                "optimizer is not built yet.")
+        return self.table.index_of(variable)
+
+    @property
+    def kernel_ready(self):
+        """The fused kernel can run the built variables."""
+        return self.table is not None and self.fused_blocker is None
+
+    def choose(self):
+        """The step for the call being made now (`step_kinds.choose`)."""
+        return step_kinds.choose(
+            self.kernel_ready, pipeline.only_decay_and_adam(self.options),
+            step_kinds.current_context())
+
+    # ------------------------------------------------------------------
+    # Stepping.
+
+    def apply(self, grads, variables, aggregate):
+        """Checks and aligns a call's gradients, then `dispatch`es them."""
+        table = self.table
+        if table.is_built_list(variables) and table.matches(grads):
+            return self.dispatch(grads, aggregate)
+        grads, missing = table.align(grads, variables)
+        if missing:
+            warnings.warn(
+                f"Gradients do not exist for variables {missing} when "
+                "minimizing the loss; they are skipped.")
+        return self.dispatch(grads, aggregate)
+
+    def dispatch(self, grads, aggregate):
+        """Runs the step on `grads` (aligned with the built list), once on
+        one device or on every replica (`distribute.on_every_replica`)."""
+        current = tf.distribute.get_strategy()
+        if (self.distributed and not tf.distribute.has_strategy()
+                and current is not self.strategy):
+            # A plain call (outside any scope) on an optimizer built under a
+            # strategy: a cross-replica call of that strategy.
+            with self.strategy.scope():
+                return self.dispatch(grads, aggregate)
+        distribute.check_same_strategy(self.strategy, current)
+        external = hyperparameters.external(self.hyperparameter_values(),
+                                            self.own_hyperparameters.values())
+        choice = self.choose()
+
+        def step(full_grads, external):
+            return self.runner.run(choice, full_grads, external)
+
+        if not tf.distribute.has_strategy():
+            step(grads, external)
+        else:
+            distribute.on_every_replica(
+                self.strategy, grads, step, external, anchor=self.iterations,
+                targets=self.table.tf_vars,
+                compute_dtypes=self.table.compute_dtypes, aggregate=aggregate)
+        return self.iterations
+
+    def replica_step(self, grads, external, fused):
+        """One replica's step (`pipeline.run`) against its own copies."""
+        return pipeline.run(pipeline.Step(
+            options=self.options, table=self.table, state=self.local_state(),
+            fused=fused, slot_tables=self.slot_tables,
+            scalars=lambda iterations, dtype: self.runner.scalars(
+                iterations, external, dtype)), grads)
+
+    def step_scalars(self, iterations, external, dtype):
+        """The step's scalars in `dtype`, at `iterations` (a local copy)."""
+        hyper = hyperparameters.for_step(self.hyperparameter_values(),
+                                         external, iterations)
+        return update.step_scalars(hyper, iterations, dtype)
+
+    def local_state(self):
+        """This replica's copy of every variable the step touches."""
+        if self.distributed:
+            return self._step_state(distribute.local)
+        if self.own_state is None:
+            # Made once: iterating the tracked lists costs more than the
+            # rest of an eager step's Python.
+            self.own_state = self._step_state(lambda variable: variable)
+        return self.own_state
+
+    def _step_state(self, local):
+        return state_lib.step_state(self.table.tf_vars, self.slot_lists,
+                                    self.counters, local)
+
+    def write_averages(self, indices):
+        """Writes the EMA averages of variables `indices` into them, on every
+        replica's copy (`finalize_variable_values`)."""
+        averages = self.slot_lists["average"]
+
+        def overwrite_on_this_replica(*_):
+            state_lib.write_averages(
+                [distribute.local(self.table.tf_vars[i]) for i in indices],
+                [distribute.local(averages[i]) for i in indices])
+
+        if not self.distributed:
+            overwrite_on_this_replica()
+            return
+        distribute.require_cross_replica(
+            "finalize_variable_values()", "it overwrites every replica's "
+            "copy.")
+        with self.strategy.scope():
+            self.strategy.extended.update(self.iterations,
+                                          overwrite_on_this_replica)
