@@ -194,6 +194,273 @@ def make_train_loop(strategy, model, optimizer, config, compute_dtype):
     return train_loop
 
 
+@dataclasses.dataclass(frozen=True)
+class _Worker:
+    """This process's place in a (possibly multi-worker) job.
+
+    The chief writes the run's config, metrics, TensorBoard events,
+    checkpoints and exports; the others only what saving distributed
+    variables needs (see `_Checkpoints`). Every worker prints, the others
+    with a `[worker N]` prefix.
+    """
+    chief: bool
+    task_id: int
+
+    def say(self, message):
+        _say(message if self.chief else f"[worker {self.task_id}] {message}")
+
+
+def _create_strategy(config):
+    """Sets up the devices and the strategy; checks the batch splits evenly.
+
+    Raises:
+        config_lib.ConfigError: the global batch size is not a multiple of
+            the number of replicas.
+    """
+    rt = config.runtime
+    cpu_devices = runtime_lib.setup_devices(rt)
+    strategy = runtime_lib.create_strategy(rt, cpu_devices)
+    replicas = strategy.num_replicas_in_sync
+    batch = config.task.data.global_batch_size
+    if batch % replicas:
+        raise config_lib.ConfigError(
+            f"key `task.data.global_batch_size` ({batch}) must be divisible "
+            f"by the number of replicas ({replicas}, "
+            f"{type(strategy).__name__}).")
+    return strategy
+
+
+def _make_model_dir(config, worker):
+    """Creates `trainer.model_dir`; the chief writes the config there."""
+    model_dir = config.trainer.model_dir
+    tf.io.gfile.makedirs(model_dir)
+    if worker.chief:
+        with open(os.path.join(model_dir, "config.yaml"), "w",
+                  encoding="utf-8") as f:
+            f.write(config_lib.to_yaml(config))
+
+
+def _banner(config, strategy, model):
+    """The run's first console line: strategy, dtype, model and batch."""
+    n_params = sum(v.shape.num_elements() for v in model.params)
+    k = config.task.optimizer.gradient_accumulation_steps
+    return (f"tf_adamw.train: {type(strategy).__name__} with "
+            f"{strategy.num_replicas_in_sync} replica(s), "
+            f"{config.runtime.mixed_precision_dtype}, model "
+            f"{n_params / 1e6:.2f}M parameters, global batch "
+            f"{config.task.data.global_batch_size} x "
+            f"{config.task.data.seq_len} chars"
+            + (f" x {k} accumulated" if k > 1 else "")
+            + f", model_dir {config.trainer.model_dir}")
+
+
+def _history_path(trainer):
+    """The chief's metrics.jsonl: one JSON row per logged step."""
+    return os.path.join(trainer.model_dir, "metrics.jsonl")
+
+
+class _Checkpoints:
+    """The run's checkpoints, numbered by step.
+
+    Everyone restores from the chief's directory; the chief writes there,
+    other workers to a scratch directory (every worker must take part in
+    saving distributed variables).
+    """
+
+    def __init__(self, model, optimizer, trainer, worker):
+        self._optimizer = optimizer
+        self._checkpoint = tf.train.Checkpoint(model=model,
+                                               optimizer=optimizer)
+        self._directory = os.path.join(trainer.model_dir, "checkpoints")
+        self._write_dir = self._directory if worker.chief else os.path.join(
+            trainer.model_dir, f".worker_{worker.task_id}_checkpoints")
+        self._manager = tf.train.CheckpointManager(
+            self._checkpoint, self._write_dir,
+            max_to_keep=trainer.max_to_keep)
+        self._last_saved = None
+
+    def restore(self):
+        """Restores the newest good checkpoint of the chief, if there is one.
+
+        Returns:
+            (the restored checkpoint's path or None, the step to start from).
+        """
+        restored = tf_adamw.restore_latest_good(self._checkpoint,
+                                                self._directory)
+        start_step = int(self._optimizer.iterations.numpy())
+        if restored:
+            self._last_saved = start_step
+        return restored, start_step
+
+    def save(self, step):
+        self._manager.save(checkpoint_number=step)
+        self._last_saved = step
+
+    def save_if_unsaved(self, step):
+        """Saves `step` unless it was saved (or restored) already."""
+        if self._last_saved != step:
+            self.save(step)
+
+    def path(self, step):
+        """The chief's checkpoint of `step` (what the exports read)."""
+        return os.path.join(self._directory, f"ckpt-{step}")
+
+    def remove_scratch(self):
+        """Deletes a non-chief worker's scratch checkpoints."""
+        shutil.rmtree(self._write_dir, ignore_errors=True)
+
+
+def _train_iterator(run, strategy, start_step):
+    """The distributed training batches, from `start_step` on."""
+    task = run.config.task
+    dataset = data_lib.train_dataset(
+        run.corpus, seed=task.seed,
+        global_batch_size=task.data.global_batch_size,
+        seq_len=task.data.seq_len,
+        start_step=start_step * task.optimizer.gradient_accumulation_steps)
+    return iter(strategy.experimental_distribute_dataset(
+        dataset, _input_options(strategy)))
+
+
+class _MetricsLog:
+    """The logging window: loss and gradient-norm totals since the last row.
+
+    `write` turns the window into one row (means per micro-step, the
+    learning rate of its last step, steps/s) on the console, in TensorBoard
+    and, on the chief, in metrics.jsonl, then opens the next window.
+    """
+
+    def __init__(self, run, worker):
+        trainer = run.config.trainer
+        self._train_steps = trainer.train_steps
+        self._schedule = run.make_schedule()
+        self.writer = (
+            tf.summary.create_file_writer(
+                os.path.join(trainer.model_dir, "train"))
+            if worker.chief else tf.summary.create_noop_writer())
+        self._history_path = _history_path(trainer) if worker.chief else None
+        self._say = worker.say
+        self.history = []  # the rows logged by this call (Result.history)
+        self._rates = []  # steps/s of every window so far
+        self._open()
+
+    def _open(self):
+        self._loss = self._norm = 0.0
+        self._micro_steps = self._steps = 0
+        self._started = time.time()
+
+    def add(self, loss_total, norm_total, steps, micro_steps):
+        """Adds one loop call's sums over its `micro_steps` micro-steps."""
+        self._loss += float(loss_total)
+        self._norm += float(norm_total)
+        self._micro_steps += micro_steps
+        self._steps += steps
+
+    def _close(self, step):
+        """The window's row, and the ETA in seconds."""
+        elapsed = time.time() - self._started
+        rate = self._steps / max(elapsed, 1e-9)
+        self._rates.append(rate)
+        recent = self._rates[-3:] if len(self._rates) > 1 else self._rates
+        eta = (self._train_steps - step) / (sum(recent) / len(recent))
+        row = {"step": step,
+               "loss": self._loss / self._micro_steps,
+               "learning_rate": float(self._schedule(step - 1)),
+               "grad_norm": self._norm / self._micro_steps,
+               "steps_per_sec": rate}
+        return row, eta
+
+    def write(self, step):
+        """Logs the window that ends at `step`; opens the next one."""
+        row, eta = self._close(step)
+        self.history.append(row)
+        total = self._train_steps
+        self._say(f"step {step:>{len(str(total))}}/{total} | loss "
+                  f"{row['loss']:.4f} | lr {row['learning_rate']:.3e} | "
+                  f"grad_norm {row['grad_norm']:.3f} | "
+                  f"{row['steps_per_sec']:.2f} steps/s | ETA "
+                  f"{_duration(eta)}")
+        for name in ("loss", "learning_rate", "grad_norm", "steps_per_sec"):
+            _scalar_summary(name, row[name], step)
+        self.writer.flush()
+        if self._history_path:
+            artifacts.append_history(self._history_path, row)
+        self._open()
+
+
+def _run_loop(run, strategy, model, optimizer, checkpoints, start_step,
+              worker, hooks):
+    """Trains from `start_step` to `trainer.train_steps`.
+
+    Owns the input pipeline and the loop function: they are made here and
+    released here, also when a step or a hook raises (no frame of a
+    traceback keeps them).
+
+    Returns:
+        (the final step, the rows logged by this call).
+    """
+    config = run.config
+    tr = config.trainer
+    k = config.task.optimizer.gradient_accumulation_steps
+    iterator = _train_iterator(run, strategy, start_step)
+    train_loop = make_train_loop(strategy, model, optimizer, config,
+                                 run.compute_dtype)
+    metrics = _MetricsLog(run, worker)
+    step = start_step
+    try:
+        with metrics.writer.as_default():
+            while step < tr.train_steps:
+                n = min(tr.steps_per_loop - step % tr.steps_per_loop,
+                        tr.train_steps - step)
+                loss_total, norm_total = train_loop(iterator,
+                                                    tf.constant(n * k))
+                metrics.add(loss_total, norm_total, n, n * k)
+                step = int(optimizer.iterations.numpy())
+                done = step >= tr.train_steps
+                if step % tr.log_every_n_steps == 0 or done:
+                    metrics.write(step)
+                if step % tr.checkpoint_every_n_steps == 0 or done:
+                    checkpoints.save(step)
+                for hook in hooks:
+                    hook(step)
+        checkpoints.save_if_unsaved(step)
+    finally:
+        # Release the input pipeline, the function that holds it first.
+        del train_loop
+        del iterator
+        gc.collect()
+    return step, metrics.history
+
+
+def _final_artifacts(run, checkpoint_path, say):
+    """The chief's loss curve and SavedModels (evaluated and sampled).
+
+    Returns:
+        `Result.exports`: the loss curve's path and what `artifacts.export`
+        returns, for those the trainer config asks for.
+    """
+    tr = run.config.trainer
+    exports = {}
+    full_history = artifacts.read_history(_history_path(tr))
+    if tr.loss_curve and full_history:
+        png = os.path.join(tr.model_dir, "loss_curve.png")
+        artifacts.plot_loss_curve(
+            full_history, png,
+            f"tf_adamw.train: {os.path.basename(tr.model_dir.rstrip('/'))}")
+        exports["loss_curve"] = png
+    if tr.export_saved_models:
+        exports.update(artifacts.export(
+            run, checkpoint_path, os.path.join(tr.model_dir, "export")))
+        line = (f"Final eval loss {exports['eval_loss']:.4f}")
+        if "eval_loss_ema" in exports:
+            line += f" (EMA weights: {exports['eval_loss_ema']:.4f})"
+        say(line + ".")
+        say(f"Sample (greedy, EMA weights): {exports['sample']!r}")
+        say(f"SavedModels: {exports['serving_dir']} (serving), "
+            f"{exports['training_dir']} (training).")
+    return exports
+
+
 def train(config, hooks=()):
     """Runs (or resumes) the training job described by `config`.
 
@@ -207,152 +474,38 @@ def train(config, hooks=()):
         A `Result`.
     """
     started = time.time()
-    rt, tr = config.runtime, config.trainer
-    cpu_devices = runtime_lib.setup_devices(rt)
-    strategy = runtime_lib.create_strategy(rt, cpu_devices)
-    replicas = strategy.num_replicas_in_sync
-    batch = config.task.data.global_batch_size
-    if batch % replicas:
-        raise config_lib.ConfigError(
-            f"key `task.data.global_batch_size` ({batch}) must be divisible "
-            f"by the number of replicas ({replicas}, "
-            f"{type(strategy).__name__}).")
-    chief = runtime_lib.is_chief(strategy)
-    task_id = runtime_lib.task_id(strategy)
-    say = _say if chief else (lambda m: _say(f"[worker {task_id}] {m}"))
-    model_dir = tr.model_dir
-    tf.io.gfile.makedirs(model_dir)
-    if chief:
-        with open(os.path.join(model_dir, "config.yaml"), "w",
-                  encoding="utf-8") as f:
-            f.write(config_lib.to_yaml(config))
+    tr = config.trainer
+    strategy = _create_strategy(config)
+    worker = _Worker(chief=runtime_lib.is_chief(strategy),
+                     task_id=runtime_lib.task_id(strategy))
+    _make_model_dir(config, worker)
 
     run = Run(config)
     with strategy.scope():
         model = run.make_model()
         optimizer = run.make_optimizer()
         optimizer.build(model.params)
-    n_params = sum(v.shape.num_elements() for v in model.params)
-    say(f"tf_adamw.train: {type(strategy).__name__} with {replicas} "
-        f"replica(s), {rt.mixed_precision_dtype}, model "
-        f"{n_params / 1e6:.2f}M parameters, global batch {batch} x "
-        f"{config.task.data.seq_len} chars"
-        + (f" x {config.task.optimizer.gradient_accumulation_steps} "
-           "accumulated" if config.task.optimizer.gradient_accumulation_steps
-           > 1 else "") + f", model_dir {model_dir}")
+    worker.say(_banner(config, strategy, model))
 
-    # Checkpoints: everyone restores from the chief's directory; the chief
-    # writes there, other workers to a scratch directory (every worker must
-    # take part in saving distributed variables).
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    checkpoint_dir = os.path.join(model_dir, "checkpoints")
-    write_dir = checkpoint_dir if chief else os.path.join(
-        model_dir, f".worker_{task_id}_checkpoints")
-    manager = tf.train.CheckpointManager(
-        checkpoint, write_dir, max_to_keep=tr.max_to_keep)
-    restored = tf_adamw.restore_latest_good(checkpoint, checkpoint_dir)
-    start_step = int(optimizer.iterations.numpy())
+    checkpoints = _Checkpoints(model, optimizer, tr, worker)
+    restored, start_step = checkpoints.restore()
     if restored:
-        say(f"Resumed from {restored} at step {start_step}.")
-    history_path = os.path.join(model_dir, "metrics.jsonl")
-    if chief:
-        artifacts.truncate_history(history_path, start_step)
+        worker.say(f"Resumed from {restored} at step {start_step}.")
+    if worker.chief:
+        artifacts.truncate_history(_history_path(tr), start_step)
 
-    k = config.task.optimizer.gradient_accumulation_steps
-    dataset = data_lib.train_dataset(
-        run.corpus, seed=config.task.seed, global_batch_size=batch,
-        seq_len=config.task.data.seq_len, start_step=start_step * k)
-    iterator = iter(strategy.experimental_distribute_dataset(
-        dataset, _input_options(strategy)))
-    train_loop = make_train_loop(strategy, model, optimizer, config,
-                                 run.compute_dtype)
-    schedule = run.make_schedule()
-    writer = (tf.summary.create_file_writer(os.path.join(model_dir, "train"))
-              if chief else tf.summary.create_noop_writer())
+    step, history = _run_loop(run, strategy, model, optimizer, checkpoints,
+                              start_step, worker, hooks)
 
-    step = start_step
-    history = []
-    last_saved = start_step if restored else None
-    window_loss = window_norm = 0.0
-    window_micro = window_steps = 0
-    window_start = time.time()
-    rates = []
-    try:
-        with writer.as_default():
-            while step < tr.train_steps:
-                n = min(tr.steps_per_loop - step % tr.steps_per_loop,
-                        tr.train_steps - step)
-                loss_total, norm_total = train_loop(iterator,
-                                                    tf.constant(n * k))
-                window_loss += float(loss_total)
-                window_norm += float(norm_total)
-                window_micro += n * k
-                window_steps += n
-                step = int(optimizer.iterations.numpy())
-                done = step >= tr.train_steps
-                if step % tr.log_every_n_steps == 0 or done:
-                    elapsed = time.time() - window_start
-                    rate = window_steps / max(elapsed, 1e-9)
-                    rates.append(rate)
-                    recent = rates[-3:] if len(rates) > 1 else rates
-                    eta = (tr.train_steps - step) / (sum(recent) / len(recent))
-                    row = {"step": step,
-                           "loss": window_loss / window_micro,
-                           "learning_rate": float(schedule(step - 1)),
-                           "grad_norm": window_norm / window_micro,
-                           "steps_per_sec": rate}
-                    history.append(row)
-                    say(f"step {step:>{len(str(tr.train_steps))}}/"
-                        f"{tr.train_steps} | loss {row['loss']:.4f} | lr "
-                        f"{row['learning_rate']:.3e} | grad_norm "
-                        f"{row['grad_norm']:.3f} | {rate:.2f} steps/s | ETA "
-                        f"{_duration(eta)}")
-                    for name in ("loss", "learning_rate", "grad_norm",
-                                 "steps_per_sec"):
-                        _scalar_summary(name, row[name], step)
-                    writer.flush()
-                    if chief:
-                        artifacts.append_history(history_path, row)
-                    window_loss = window_norm = 0.0
-                    window_micro = window_steps = 0
-                    window_start = time.time()
-                if step % tr.checkpoint_every_n_steps == 0 or done:
-                    manager.save(checkpoint_number=step)
-                    last_saved = step
-                for hook in hooks:
-                    hook(step)
-        if last_saved != step:
-            manager.save(checkpoint_number=step)
-    finally:
-        # Release the input pipeline, the function that holds it first.
-        del train_loop
-        del iterator
-        gc.collect()
-    final_checkpoint = os.path.join(checkpoint_dir, f"ckpt-{step}")
-    exports = {}
-    if chief:
-        full_history = artifacts.read_history(history_path)
-        if tr.loss_curve and full_history:
-            png = os.path.join(model_dir, "loss_curve.png")
-            artifacts.plot_loss_curve(
-                full_history, png,
-                f"tf_adamw.train: {os.path.basename(model_dir.rstrip('/'))}")
-            exports["loss_curve"] = png
-        if tr.export_saved_models:
-            exports.update(artifacts.export(
-                run, final_checkpoint, os.path.join(model_dir, "export")))
-            line = (f"Final eval loss {exports['eval_loss']:.4f}")
-            if "eval_loss_ema" in exports:
-                line += f" (EMA weights: {exports['eval_loss_ema']:.4f})"
-            say(line + ".")
-            say(f"Sample (greedy, EMA weights): {exports['sample']!r}")
-            say(f"SavedModels: {exports['serving_dir']} (serving), "
-                f"{exports['training_dir']} (training).")
+    final_checkpoint = checkpoints.path(step)
+    if worker.chief:
+        exports = _final_artifacts(run, final_checkpoint, worker.say)
     else:
-        shutil.rmtree(write_dir, ignore_errors=True)
+        exports = {}
+        checkpoints.remove_scratch()
     wall = time.time() - started
-    say(f"Done: step {step}/{tr.train_steps} in {_duration(wall)} "
-        f"({wall:.1f} s).")
+    worker.say(f"Done: step {step}/{tr.train_steps} in {_duration(wall)} "
+               f"({wall:.1f} s).")
     return Result(start_step=start_step, final_step=step, history=history,
-                  model_dir=model_dir, checkpoint=final_checkpoint,
+                  model_dir=tr.model_dir, checkpoint=final_checkpoint,
                   exports=exports, wall_seconds=wall)
