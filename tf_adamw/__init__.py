@@ -7,23 +7,33 @@ Public API:
     restore_training_variables: a training SavedModel into a module rebuilt
         under a strategy.
     restore_latest_good: restore the newest intact checkpoint.
+
+The names are imported on first use, so that `tf_adamw.options` (and the
+trainer's config checks built on it) load without TensorFlow.
 """
 
-from tf_adamw.optimizer import AdamW
-from tf_adamw.checkpoints import restore_latest_good
-from tf_adamw.export import (
-    ema_weights,
-    export_serving_model,
-    export_training_model,
-    restore_training_variables,
-)
+import importlib
 
-__all__ = [
-    "AdamW",
-    "ema_weights",
-    "export_serving_model",
-    "export_training_model",
-    "restore_latest_good",
-    "restore_training_variables",
-]
+_PUBLIC = {
+    "AdamW": "tf_adamw.optimizer",
+    "ema_weights": "tf_adamw.export",
+    "export_serving_model": "tf_adamw.export",
+    "export_training_model": "tf_adamw.export",
+    "restore_latest_good": "tf_adamw.checkpoints",
+    "restore_training_variables": "tf_adamw.export",
+}
+
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'tf_adamw' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -14,6 +14,7 @@ Every error names the argument and the value received.
 import dataclasses
 import math
 import numbers
+import re
 import typing
 import warnings
 
@@ -96,6 +97,73 @@ def check_hyperparameter(name, value):
     return number(name, value, **HYPERPARAMETER_RANGES[name])
 
 
+def optional_boolean(name, value):
+    """Validates a bool, or None."""
+    return None if value is None else boolean(name, value)
+
+
+# The rule of each argument that stands on its own: `rule(name, value)`
+# returns the checked value or raises naming the argument.
+_RULES = {
+    "amsgrad": boolean,
+    "use_ema": boolean,
+    "jit_compile": boolean,
+    "skip_nonfinite_gradients": boolean,
+    "fused": optional_boolean,
+    "clipnorm": optional_number,
+    "clipvalue": optional_number,
+    "global_clipnorm": optional_number,
+    "loss_scale_factor": lambda name, value: optional_number(
+        name, value, low=0.0, low_open=True),
+    "ema_overwrite_frequency": lambda name, value: optional_int(
+        name, value, 1, "applied updates between overwrites"),
+    "gradient_accumulation_steps": lambda name, value: optional_int(
+        name, value, 2, "calls per applied update"),
+}
+_RULES.update({name: check_hyperparameter for name in HYPERPARAMETER_RANGES})
+
+
+def check_argument(name, value, *, use_ema=False):
+    """Checks one constructor argument given as a plain Python value.
+
+    The trainer checks its optimizer section with this, one key at a time,
+    so that an error names the config key. Hyperparameters are checked as
+    numbers (schedules and callables are `AdamW`'s business).
+
+    Args:
+        name: an `AdamW` argument name.
+        value: its value.
+        use_ema: the `use_ema` argument (`ema_momentum` depends on it).
+
+    Returns:
+        The checked value.
+
+    Raises:
+        TypeError, ValueError: naming the argument and the value.
+    """
+    if name == "ema_momentum":
+        return _ema_momentum(value, use_ema)
+    return _RULES[name](name, value)
+
+
+def check_patterns(var_names):
+    """Validates `exclude_from_weight_decay`'s `var_names`; returns the
+    compiled alternation of the patterns, or None for no patterns."""
+    if isinstance(var_names, str) or any(
+            not isinstance(n, str) for n in var_names or []):
+        raise TypeError(
+            "Argument `var_names` must be a list of strings. Received: "
+            f"var_names={var_names!r}")
+    if not var_names:
+        return None
+    try:
+        return re.compile("|".join(sorted(set(var_names))))
+    except re.error as e:
+        raise ValueError(
+            "Argument `var_names` must hold valid regular expressions. "
+            f"Received: var_names={var_names!r} ({e})") from e
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """The fixed options of one `AdamW`, validated (see `validate`)."""
@@ -152,28 +220,19 @@ def validate(*, name="adamw", amsgrad=False, clipnorm=None, clipvalue=None,
             "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can "
             f"be set. Received: clipnorm={clipnorm}, "
             f"clipvalue={clipvalue}, global_clipnorm={global_clipnorm}")
+    given = {"amsgrad": amsgrad, "clipnorm": clipnorm,
+             "clipvalue": clipvalue, "global_clipnorm": global_clipnorm,
+             "use_ema": use_ema, "ema_momentum": ema_momentum,
+             "ema_overwrite_frequency": ema_overwrite_frequency,
+             "loss_scale_factor": loss_scale_factor,
+             "gradient_accumulation_steps": gradient_accumulation_steps,
+             "jit_compile": jit_compile,
+             "skip_nonfinite_gradients": skip_nonfinite_gradients,
+             "fused": fused}
     use_ema = boolean("use_ema", use_ema)
-    return Options(
-        name=name,
-        amsgrad=boolean("amsgrad", amsgrad),
-        clipnorm=optional_number("clipnorm", clipnorm),
-        clipvalue=optional_number("clipvalue", clipvalue),
-        global_clipnorm=optional_number("global_clipnorm", global_clipnorm),
-        use_ema=use_ema,
-        ema_momentum=_ema_momentum(ema_momentum, use_ema),
-        ema_overwrite_frequency=optional_int(
-            "ema_overwrite_frequency", ema_overwrite_frequency, 1,
-            "applied updates between overwrites"),
-        loss_scale_factor=optional_number(
-            "loss_scale_factor", loss_scale_factor, low=0.0, low_open=True),
-        gradient_accumulation_steps=optional_int(
-            "gradient_accumulation_steps", gradient_accumulation_steps, 2,
-            "calls per applied update"),
-        jit_compile=boolean("jit_compile", jit_compile),
-        skip_nonfinite_gradients=boolean(
-            "skip_nonfinite_gradients", skip_nonfinite_gradients),
-        fused=None if fused is None else boolean("fused", fused),
-    )
+    return Options(name=name, **{
+        key: check_argument(key, value, use_ema=use_ema)
+        for key, value in given.items()})
 
 
 def extra_keywords(kwargs, *, weight_decay):

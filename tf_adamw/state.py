@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tf_adamw import distribute
 from tf_adamw import kernels
+from tf_adamw import options as options_lib
 from tf_adamw import update
 
 SLOT_KINDS = ("momentum", "velocity", "velocity_hat", "average",
@@ -103,21 +104,8 @@ class DecayMask:
     """Which variables weight decay skips: by variable, or by name pattern."""
 
     def __init__(self, var_list=None, var_names=None):
-        if isinstance(var_names, str) or any(
-                not isinstance(n, str) for n in var_names or []):
-            raise TypeError(
-                "Argument `var_names` must be a list of strings. Received: "
-                f"var_names={var_names!r}")
+        self._pattern = options_lib.check_patterns(var_names)
         self._keys = {var_key(v) for v in var_list or []}
-        self._pattern = None
-        if var_names:
-            try:
-                self._pattern = re.compile("|".join(sorted(set(var_names))))
-            except re.error as e:
-                raise ValueError(
-                    "Argument `var_names` must hold valid regular "
-                    f"expressions. Received: var_names={var_names!r} ({e})"
-                ) from e
 
     def decays(self, variable):
         """True when weight decay applies to `variable`."""

@@ -19,6 +19,10 @@ import typing
 
 import yaml
 
+# The optimizer's own argument rules; importing them does not start
+# TensorFlow.
+from tf_adamw import options as adamw_options
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names key and source."""
@@ -94,6 +98,29 @@ class OptimizerConfig:
     fused_kernel: bool = True
     # Compile the optimizer's non-fused step with XLA (tf_adamw's default).
     jit_compile: bool = True
+
+    def adamw_arguments(self):
+        """The `tf_adamw.AdamW` arguments this section sets, translated once.
+
+        `learning_rate` is the peak: the trainer passes its warmup + cosine
+        schedule (`train.schedule`) in its place.
+        """
+        return {
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+            "global_clipnorm": self.global_clipnorm or None,
+            "use_ema": self.use_ema,
+            "ema_momentum": self.ema_momentum,
+            "gradient_accumulation_steps": (
+                self.gradient_accumulation_steps
+                if self.gradient_accumulation_steps > 1 else None),
+            "skip_nonfinite_gradients": self.skip_nonfinite_gradients,
+            "fused": None if self.fused_kernel else False,
+            "jit_compile": self.jit_compile,
+        }
 
 
 @dataclasses.dataclass
@@ -300,12 +327,18 @@ def _validate(config, sources):
         source = sources.get(key, "the defaults")
         raise ConfigError(f"{source}: key `{key}` {message}")
 
-    def positive(key, value):
-        if value <= 0:
-            fail(key, f"must be > 0; got {value!r}.")
+    _check_runtime(config.runtime, fail)
+    _check_sizes(config, fail)
+    _check_optimizer(config.task.optimizer, config.trainer, fail)
+    t = config.trainer
+    for key in ("log_every_n_steps", "checkpoint_every_n_steps"):
+        if getattr(t, key) % t.steps_per_loop:
+            fail(f"trainer.{key}", f"must be a multiple of "
+                 f"trainer.steps_per_loop = {t.steps_per_loop}; got "
+                 f"{getattr(t, key)}.")
 
-    r, t, d, m, o = (config.runtime, config.trainer, config.task.data,
-                     config.task.model, config.task.optimizer)
+
+def _check_runtime(r, fail):
     if r.distribution_strategy not in STRATEGIES:
         fail("runtime.distribution_strategy",
              f"must be one of {', '.join(STRATEGIES)}; got "
@@ -314,7 +347,8 @@ def _validate(config, sources):
         fail("runtime.mixed_precision_dtype",
              f"must be one of {', '.join(PRECISIONS)}; got "
              f"{r.mixed_precision_dtype!r}.")
-    positive("runtime.num_cpus", r.num_cpus)
+    if r.num_cpus <= 0:
+        fail("runtime.num_cpus", f"must be > 0; got {r.num_cpus!r}.")
     if r.task_index < 0:
         fail("runtime.task_index", f"must be >= 0; got {r.task_index}.")
     if r.worker_hosts:
@@ -327,6 +361,12 @@ def _validate(config, sources):
             fail("runtime.task_index",
                  f"is {r.task_index} but runtime.worker_hosts lists "
                  f"{len(hosts)} workers.")
+
+
+def _check_sizes(config, fail):
+    """Counts and sizes that must be positive, and how they fit together."""
+    t, d, m = config.trainer, config.task.data, config.task.model
+    o = config.task.optimizer
     for key, value in (("task.data.corpus_chars", d.corpus_chars),
                        ("task.data.eval_corpus_chars", d.eval_corpus_chars),
                        ("task.data.seq_len", d.seq_len),
@@ -345,7 +385,8 @@ def _validate(config, sources):
                        ("trainer.checkpoint_every_n_steps",
                         t.checkpoint_every_n_steps),
                        ("trainer.max_to_keep", t.max_to_keep)):
-        positive(key, value)
+        if value <= 0:
+            fail(key, f"must be > 0; got {value!r}.")
     for key in ("corpus_chars", "eval_corpus_chars"):
         if getattr(d, key) < 2 * (d.seq_len + 1):
             fail(f"task.data.{key}", f"must be at least 2 * (seq_len + 1) = "
@@ -353,6 +394,15 @@ def _validate(config, sources):
     if m.d_model % m.num_heads:
         fail("task.model.num_heads", f"must divide task.model.d_model = "
              f"{m.d_model}; got {m.num_heads}.")
+
+
+# `tf_adamw.AdamW` arguments whose config key has another name.
+_OPTIMIZER_KEYS = {"fused": "fused_kernel"}
+
+
+def _check_optimizer(o, t, fail):
+    """The trainer's own rules (schedule, clipping as 0 = off), then every
+    AdamW argument by the optimizer's own rules (`tf_adamw.options`)."""
     if o.warmup_steps < 0:
         fail("task.optimizer.warmup_steps", f"must be >= 0; got "
              f"{o.warmup_steps}.")
@@ -362,29 +412,21 @@ def _validate(config, sources):
     if not 0.0 <= o.end_learning_rate_ratio <= 1.0:
         fail("task.optimizer.end_learning_rate_ratio",
              f"must be in [0, 1]; got {o.end_learning_rate_ratio}.")
-    for key in ("weight_decay", "epsilon", "global_clipnorm"):
-        if getattr(o, key) < 0:
-            fail(f"task.optimizer.{key}", f"must be >= 0; got "
-                 f"{getattr(o, key)}.")
-    for key in ("beta_1", "beta_2"):
-        if not 0.0 <= getattr(o, key) < 1.0:
-            fail(f"task.optimizer.{key}", f"must be in [0, 1); got "
-                 f"{getattr(o, key)}.")
-    if not 0.0 <= o.ema_momentum <= 1.0:
-        fail("task.optimizer.ema_momentum", f"must be in [0, 1]; got "
-             f"{o.ema_momentum}.")
-    for i, pattern in enumerate(o.exclude_from_weight_decay):
+    if o.global_clipnorm < 0:
+        fail("task.optimizer.global_clipnorm",
+             f"must be >= 0 (0 turns clipping off); got {o.global_clipnorm}.")
+    for argument, value in o.adamw_arguments().items():
+        key = "task.optimizer." + _OPTIMIZER_KEYS.get(argument, argument)
         try:
-            re.compile(pattern)
-        except re.error as e:
-            fail("task.optimizer.exclude_from_weight_decay",
-                 f"item {i} ({pattern!r}) is not a valid regular expression: "
-                 f"{e}.")
-    for key in ("log_every_n_steps", "checkpoint_every_n_steps"):
-        if getattr(t, key) % t.steps_per_loop:
-            fail(f"trainer.{key}", f"must be a multiple of "
-                 f"trainer.steps_per_loop = {t.steps_per_loop}; got "
-                 f"{getattr(t, key)}.")
+            # use_ema=True: the config's ema_momentum is checked even when
+            # the EMA is off (it is in [0, 1] in every config we write).
+            adamw_options.check_argument(argument, value, use_ema=True)
+        except (TypeError, ValueError) as e:
+            fail(key, f"is not a valid AdamW argument: {e}")
+    try:
+        adamw_options.check_patterns(o.exclude_from_weight_decay)
+    except (TypeError, ValueError) as e:
+        fail("task.optimizer.exclude_from_weight_decay", f"is invalid: {e}")
 
 
 def load(config_files=(), params_override="", model_dir=None, tpu=None):

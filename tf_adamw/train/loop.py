@@ -104,25 +104,11 @@ class Run:
             alpha=o.end_learning_rate_ratio)
 
     def make_optimizer(self):
+        """The config's `tf_adamw.AdamW`, with the trainer's schedule."""
         o = self.config.task.optimizer
-        kwargs = {"jit_compile": o.jit_compile}
-        if not o.fused_kernel:
-            kwargs["fused"] = False
-        if o.skip_nonfinite_gradients:
-            kwargs["skip_nonfinite_gradients"] = True
-        optimizer = tf_adamw.AdamW(
-            learning_rate=self.make_schedule(),
-            weight_decay=o.weight_decay,
-            beta_1=o.beta_1,
-            beta_2=o.beta_2,
-            epsilon=o.epsilon,
-            global_clipnorm=o.global_clipnorm or None,
-            use_ema=o.use_ema,
-            ema_momentum=o.ema_momentum,
-            gradient_accumulation_steps=(
-                o.gradient_accumulation_steps
-                if o.gradient_accumulation_steps > 1 else None),
-            **kwargs)
+        arguments = o.adamw_arguments()
+        arguments["learning_rate"] = self.make_schedule()
+        optimizer = tf_adamw.AdamW(**arguments)
         if o.exclude_from_weight_decay:
             optimizer.exclude_from_weight_decay(
                 var_names=list(o.exclude_from_weight_decay))
