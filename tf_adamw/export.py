@@ -137,6 +137,48 @@ def _check_module(module, function_name, role):
 # Training SavedModel.
 
 
+def _check_training_optimizers(module):
+    """The optimizers in `module` can be exported with it (see
+    `export_training_model`'s Raises)."""
+    paths = _trackable_paths(module)
+    optimizers = _optimizers_in(paths)
+    if not optimizers:
+        raise ValueError(
+            "Argument `module` holds no `tf_adamw.AdamW`: a training export "
+            "must carry the optimizer's state, or the loaded `train_step` "
+            "cannot resume it. Assign the optimizer to an attribute, e.g. "
+            "`module.optimizer = optimizer`.")
+    tracked = _variable_ids(o for _, o in paths)
+    for path, opt in optimizers:
+        if not opt.built:
+            raise ValueError(
+                f"The optimizer {_describe(path)} is not built: its slots do "
+                "not exist yet, and would be created as a side effect of the "
+                "SavedModel tracing `train_step` (or not at all). Call "
+                "`optimizer.build(model.trainable_variables)` (or run one "
+                "training step) before exporting.")
+        if opt.distribution_strategy is not None:
+            raise ValueError(
+                f"The optimizer {_describe(path)} was built under "
+                f"{type(opt.distribution_strategy).__name__}. A training "
+                "SavedModel cannot hold a distributed step: a `train_step` "
+                "wrapping `strategy.run` does not save, and one applying "
+                "gradients in a cross-replica context saves a graph pinned "
+                "to the strategy's devices that fails once loaded. Export "
+                "from a single-device copy of the module (rebuild it outside "
+                "the strategy and read a `tf.train.Checkpoint` into it), and "
+                "resume under a strategy with "
+                "`tf_adamw.restore_training_variables`.")
+        missing = [v for v in map(state_lib.unwrap, opt.var_list)
+                   if id(v) not in tracked]
+        if missing:
+            raise ValueError(
+                f"The optimizer {_describe(path)} updates variables that "
+                "`module` does not track, so the export would lose them: "
+                f"{[v.name for v in missing]}. Assign the model (or its "
+                "variables) to an attribute of `module`.")
+
+
 def export_training_model(export_dir, module):
     """Saves a module that a new process can load and keep training.
 
@@ -168,47 +210,7 @@ def export_training_model(export_dir, module):
             `train_step` captures a variable `module` does not track.
     """
     _check_module(module, "train_step", "training step")
-    paths = _trackable_paths(module)
-    optimizers = _optimizers_in(paths)
-    if not optimizers:
-        raise ValueError(
-            "Argument `module` holds no `tf_adamw.AdamW`: a training export "
-            "must carry the optimizer's state, or the loaded `train_step` "
-            "cannot resume it. Assign the optimizer to an attribute, e.g. "
-            "`module.optimizer = optimizer`."
-        )
-    tracked = _variable_ids(o for _, o in paths)
-    for path, opt in optimizers:
-        if not opt.built:
-            raise ValueError(
-                f"The optimizer {_describe(path)} is not built: its slots do "
-                "not exist yet, and would be created as a side effect of the "
-                "SavedModel tracing `train_step` (or not at all). Call "
-                "`optimizer.build(model.trainable_variables)` (or run one "
-                "training step) before exporting."
-            )
-        if opt.distribution_strategy is not None:
-            raise ValueError(
-                f"The optimizer {_describe(path)} was built under "
-                f"{type(opt.distribution_strategy).__name__}. A training SavedModel cannot "
-                "hold a distributed step: a `train_step` wrapping "
-                "`strategy.run` does not save, and one applying gradients in "
-                "a cross-replica context saves a graph pinned to the "
-                "strategy's devices that fails once loaded. Export from a "
-                "single-device copy of the module (rebuild it outside the "
-                "strategy and read a `tf.train.Checkpoint` into it), and "
-                "resume under a strategy with "
-                "`tf_adamw.restore_training_variables`."
-            )
-        missing = [v for v in map(state_lib.unwrap, opt.var_list)
-                   if id(v) not in tracked]
-        if missing:
-            raise ValueError(
-                f"The optimizer {_describe(path)} updates variables that "
-                "`module` does not track, so the export would lose them: "
-                f"{[v.name for v in missing]}. Assign the model (or its "
-                "variables) to an attribute of `module`."
-            )
+    _check_training_optimizers(module)
     try:
         tf.saved_model.save(module, export_dir, signatures={})
     except (AssertionError, KeyError) as e:
@@ -300,6 +302,28 @@ def _check_ema_optimizer(optimizer, what):
         )
 
 
+def _replica_pairs(variables, averages):
+    """`(variable copy, average copy)` for every replica's copy of each.
+
+    Raises:
+        ValueError: in a replica context, or a variable and its average
+            have different numbers of copies.
+    """
+    distribute.require_cross_replica("ema_weights()",
+                                     "it swaps every replica's copy.")
+    pairs = []
+    for variable, average in zip(variables, averages):
+        copies = distribute.copies(state_lib.unwrap(variable))
+        average_copies = distribute.copies(average)
+        if len(copies) != len(average_copies):
+            raise ValueError(
+                f"Variable {variable.name!r} has {len(copies)} copies but its "
+                f"average has {len(average_copies)}: the optimizer must be "
+                "built under the strategy that created the variable.")
+        pairs.extend(zip(copies, average_copies))
+    return pairs
+
+
 @contextlib.contextmanager
 def ema_weights(optimizer, var_list=None):
     """Swaps the EMA averages into the variables for the `with` block.
@@ -332,21 +356,7 @@ def ema_weights(optimizer, var_list=None):
     """
     _check_ema_optimizer(optimizer, "ema_weights")
     variables = optimizer.var_list if var_list is None else list(var_list)
-    # Resolve every variable before touching any, so that a bad entry leaves
-    # all of them untouched.
-    averages = optimizer.moving_averages(variables)
-    distribute.require_cross_replica("ema_weights()",
-                                     "it swaps every replica's copy.")
-    pairs = []
-    for variable, average in zip(variables, averages):
-        copies = distribute.copies(state_lib.unwrap(variable))
-        average_copies = distribute.copies(average)
-        if len(copies) != len(average_copies):
-            raise ValueError(
-                f"Variable {variable.name!r} has {len(copies)} copies but its "
-                f"average has {len(average_copies)}: the optimizer must be "
-                "built under the strategy that created the variable.")
-        pairs.extend(zip(copies, average_copies))
+    pairs = _replica_pairs(variables, optimizer.moving_averages(variables))
     # The backups are tensors read from the variables. A tensor read from a
     # resource variable keeps its value when the variable is assigned later
     # (TF replaces or copies a variable's buffer on write when it is shared),
@@ -362,6 +372,26 @@ def ema_weights(optimizer, var_list=None):
     finally:
         for (variable, _), backup in zip(pairs, backups):
             variable.assign(backup)
+
+
+def _check_no_training_state(paths, optimizer):
+    """Refuses a serving module holding an optimizer or its variables."""
+    for path, _ in _optimizers_in(paths):
+        raise ValueError(
+            f"Argument `module` holds an optimizer at {_describe(path)}: a "
+            "serving export must not carry training state. Export a module "
+            "with only the model and `serve` (e.g. `tf.Module()` with "
+            "`module.model = model`)."
+        )
+    if optimizer is not None:
+        state = {id(v): v for v in optimizer.variables}
+        for path, obj in paths:
+            if id(obj) in state:
+                raise ValueError(
+                    f"Argument `module` holds the optimizer variable "
+                    f"{obj.name!r} at {_describe(path)}: a serving export "
+                    "must not carry training state."
+                )
 
 
 def export_serving_model(export_dir, module, optimizer=None):
@@ -398,22 +428,7 @@ def export_serving_model(export_dir, module, optimizer=None):
             f"{type(optimizer).__name__}."
         )
     paths = _trackable_paths(module)
-    for path, _ in _optimizers_in(paths):
-        raise ValueError(
-            f"Argument `module` holds an optimizer at {_describe(path)}: a "
-            "serving export must not carry training state. Export a module "
-            "with only the model and `serve` (e.g. `tf.Module()` with "
-            "`module.model = model`)."
-        )
-    if optimizer is not None:
-        state = {id(v): v for v in optimizer.variables}
-        for path, obj in paths:
-            if id(obj) in state:
-                raise ValueError(
-                    f"Argument `module` holds the optimizer variable "
-                    f"{obj.name!r} at {_describe(path)}: a serving export "
-                    "must not carry training state."
-                )
+    _check_no_training_state(paths, optimizer)
     if optimizer is None or not optimizer.use_ema:
         tf.saved_model.save(module, export_dir,
                             signatures={"serving_default": serve})
