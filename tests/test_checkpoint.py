@@ -16,6 +16,7 @@ This file doubles as the script the new process runs (see `_resume_main`).
 """
 
 import json
+import warnings
 import os
 import subprocess
 import sys
@@ -116,6 +117,10 @@ def _resume_main(ckpt_path, out_path):
         if variant == "build_then_restore":
             opt.build(model_variables(model))
         status = ckpt.restore(ckpt_path)
+        # The run changed weight_decay mid-way (as a callback would): take
+        # the checkpoint's value, which a restore alone does not
+        # (docs/semantics.md, "Checkpoint view").
+        opt.use_restored_hyperparameters()
         if variant == "restore_then_build":
             opt.build(model_variables(model))
         if variant != "restore_then_apply":
@@ -229,6 +234,7 @@ def _restore_in_process(path, build_first):
     if build_first:
         opt.build(model_variables(model))
     status = ckpt.restore(path)
+    opt.use_restored_hyperparameters()  # the run changed weight_decay
     if not build_first:
         assert not opt.built
         opt.build(model_variables(model))
@@ -254,7 +260,7 @@ def test_restore_gives_every_slot_its_saved_value(saved_run, build_first):
 
 
 # ----------------------------------------------------------------------------
-# Across replica counts (DESIGN.md, State).
+# Across replica counts (docs/semantics.md, "Distribution").
 
 
 @pytest.mark.parametrize("build_first", [False, True],
@@ -270,6 +276,7 @@ def test_checkpoint_restores_across_replica_counts(saved_run,
         if build_first:
             opt.build(model_variables(model))
         status = ckpt.restore(saved_run["path"])
+        opt.use_restored_hyperparameters()  # the run changed weight_decay
         if not build_first:
             opt.build(model_variables(model))
     status.assert_consumed()
@@ -483,3 +490,90 @@ def test_checkpoint_holds_exactly_the_optimizer_variables(tmp_path):
 
 if __name__ == "__main__":
     _resume_main(sys.argv[1], sys.argv[2])
+
+
+# ----------------------------------------------------------------------------
+# Hyperparameters are configuration, not state (docs/semantics.md,
+# "Checkpoint view").
+
+_OTHER_HYPERPARAMETERS = dict(learning_rate=0.5, weight_decay=0.0, beta_1=0.5,
+                              beta_2=0.9, epsilon=1e-3)
+
+
+def _saved_with_defaults(tmp_path):
+    """A checkpoint of one applied step of `AdamW()` (default values)."""
+    v = tf.Variable([1.0, -2.0, 3.0])
+    opt = tf_adamw.AdamW()
+    opt.apply_gradients([(tf.constant([0.5, 0.5, -1.0]), v)])
+    return tf.train.Checkpoint(v=v, opt=opt).save(str(tmp_path / "ckpt")), opt
+
+
+def _restore_with_other_values(path, fused):
+    v = tf.Variable([0.0, 0.0, 0.0])
+    opt = tf_adamw.AdamW(**_OTHER_HYPERPARAMETERS, fused=fused)
+    opt.build([v])
+    with pytest.warns(UserWarning) as record:
+        tf.train.Checkpoint(v=v, opt=opt).restore(path).assert_consumed()
+    return v, opt, [str(w.message) for w in record]
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["fused", "xla"])
+def test_restore_keeps_the_configured_hyperparameters(tmp_path, fused):
+    """Fine-tuning from a checkpoint written with other values trains at
+    the values given to the constructor; each difference is a warning that
+    names the hyperparameter and both values; state is restored."""
+    path, saved_opt = _saved_with_defaults(tmp_path)
+    v, opt, messages = _restore_with_other_values(path, fused)
+    for name, value in _OTHER_HYPERPARAMETERS.items():
+        assert float(getattr(opt, "_" + name).numpy()) == np.float32(value)
+        assert opt.get_config()[name] == value
+        default = tf_adamw.AdamW().get_config()[name]
+        [message] = [m for m in messages if f" {name}=" in m]
+        assert f"{name}={str(np.float32(default))}" in message, message
+        assert f"{name}={value!r}" in message, message
+    assert int(opt.iterations.numpy()) == 1  # state is restored
+    np.testing.assert_array_equal(
+        opt.slots_for(v)["momentum"].numpy(),
+        saved_opt.slots_for(saved_opt.var_list[0])["momentum"].numpy())
+    # The next step runs at the configured learning rate (0.5, not 0.001):
+    # Adam's first steps move each element by about the learning rate.
+    before = v.numpy().copy()
+    opt.apply_gradients([(tf.constant([1.0, 1.0, 1.0]), v)])
+    assert np.all(np.abs(v.numpy() - before) > 0.1)
+
+
+def test_use_restored_hyperparameters_takes_the_checkpoints_values(tmp_path):
+    path, _ = _saved_with_defaults(tmp_path)
+    _, opt, _ = _restore_with_other_values(path, None)
+    defaults = tf_adamw.AdamW().get_config()
+    assert set(opt.restored_hyperparameters) == set(_OTHER_HYPERPARAMETERS)
+    opt.use_restored_hyperparameters()
+    for name in _OTHER_HYPERPARAMETERS:
+        assert float(getattr(opt, "_" + name).numpy()) == np.float32(
+            defaults[name]), name
+
+
+def test_restore_under_a_strategy_keeps_the_configured_values(
+        tmp_path, mirrored_strategy):
+    """4 replicas: every copy keeps the configured value."""
+    path, _ = _saved_with_defaults(tmp_path)
+    with mirrored_strategy.scope():
+        v = tf.Variable([0.0, 0.0, 0.0])
+        opt = tf_adamw.AdamW(**_OTHER_HYPERPARAMETERS)
+        opt.build([v])
+    with pytest.warns(UserWarning, match="learning_rate=0.5"):
+        tf.train.Checkpoint(v=v, opt=opt).restore(path).assert_consumed()
+    for copy in opt.learning_rate.values:
+        assert float(copy.numpy()) == 0.5
+    assert int(opt.iterations.numpy()) == 1
+
+
+def test_equal_hyperparameters_restore_without_a_warning(tmp_path):
+    path, _ = _saved_with_defaults(tmp_path)
+    v = tf.Variable([0.0, 0.0, 0.0])
+    opt = tf_adamw.AdamW()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tf.train.Checkpoint(v=v, opt=opt).restore(path).expect_partial()
+    assert opt.restored_hyperparameters["learning_rate"] == pytest.approx(
+        0.001)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -155,6 +156,30 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path):
     again = loop.train(_config("cpu_local", override, tmp_path))
     assert again.start_step == again.final_step == 20
     assert again.history == []
+
+
+def test_resume_applies_the_config_and_says_what_changed(tmp_path, capsys):
+    """Hyperparameters come from the config, not the checkpoint; the
+    trainer names each one that differs from the checkpoint's."""
+    override = (TINY + ",trainer.steps_per_loop=5,trainer.log_every_n_steps=5,"
+                "trainer.checkpoint_every_n_steps=5,"
+                "trainer.export_saved_models=false,trainer.loss_curve=false")
+    loop.train(_config("cpu_local", override + ",trainer.train_steps=5",
+                       tmp_path))
+    capsys.readouterr()
+    config = _config("cpu_local", override + ",trainer.train_steps=10,"
+                     "task.optimizer.weight_decay=0.05", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said by the trainer, not warned
+        loop.train(config)
+    out = capsys.readouterr().out
+    assert "Config sets weight_decay=0.05 (the checkpoint had 0.1)." in out
+    assert "beta_2" not in out  # unchanged values are not mentioned
+    reader = tf.train.load_checkpoint(
+        os.path.join(tmp_path, "checkpoints", "ckpt-10"))
+    assert reader.get_tensor(
+        "optimizer/_weight_decay/.ATTRIBUTES/VARIABLE_VALUE") == np.float32(
+            0.05)
 
 
 def loop_history(model_dir):

@@ -45,6 +45,9 @@ class Engine:
         self.hyperparameter_values = hyperparameter_values
         self.own_hyperparameters = own_hyperparameters
         self.given = given
+        # Checkpoint key -> hyperparameters.CheckpointGuard (set by AdamW).
+        self.guards = {}
+        self.restored_hyperparameters = {}  # name -> the checkpoint's value
         self.decay_mask = state_lib.DecayMask()
         self.runner = step_kinds.StepRunner(
             self.replica_step, self.step_scalars, options.jit_compile)

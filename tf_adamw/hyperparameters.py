@@ -161,3 +161,50 @@ def config_value(name, value, given):
         f"Argument `{name}` is a plain Python callable ({value!r}), which "
         "cannot be serialised: a config never carries code. Use a number "
         "or, for the learning rate, a LearningRateSchedule.")
+
+
+class CheckpointGuard(tf.__internal__.tracking.Trackable):
+    """Stands for a hyperparameter variable in checkpoints.
+
+    Hyperparameters are configuration, not state: restoring a checkpoint
+    must not silently replace the learning rate an optimizer was built with
+    (fine-tuning from a pretraining checkpoint would train at the
+    pretraining rate). In checkpoints the optimizer's own hyperparameter
+    variables are represented by guards, under the same keys, so the format
+    is unchanged and old checkpoints restore. A guard saves the variable's
+    value as the variable itself would, and on restore hands the saved value
+    to `on_restore` instead of assigning it. SavedModels keep the variables
+    themselves: a loaded training SavedModel continues exactly.
+
+    Args:
+        name: the hyperparameter.
+        variable: its variable.
+        on_restore: `on_restore(name, variable, saved_value)`, returning a
+            restore op (graph mode) or None.
+    """
+
+    def __init__(self, name, variable, on_restore):
+        self._name = name
+        self._variable = variable
+        self._on_restore = on_restore
+
+    def _serialize_to_tensors(self):
+        # As the variable saves itself (a mirrored variable: one copy, all
+        # copies being equal).
+        return distribute.local(self._variable)._serialize_to_tensors()  # pylint: disable=protected-access
+
+    def _restore_from_tensors(self, restored_tensors):
+        (value,) = restored_tensors.values()
+        return self._on_restore(self._name, self._variable, value)
+
+
+def differs(saved, current):
+    """True when a saved hyperparameter differs from the current value (both
+    compared as float32, the dtype the variable holds)."""
+    return bool(np.float32(saved) != np.float32(current))
+
+
+def as_float32_text(value):
+    """The shortest text of `value` as the float32 a variable holds
+    (`0.02`, not `0.019999999552965164`)."""
+    return str(np.float32(value))

@@ -142,7 +142,69 @@ class AdamW(tf.Module):
         self._engine = engine_lib.Engine(
             self._options, self._counters(), self._slot_lists(),
             self._hyperparameter_values, own, given)
+        self._engine.guards = {
+            "_" + hyper: hyperparameters.CheckpointGuard(
+                hyper, variable, self._restore_hyperparameter)
+            for hyper, variable in own.items()}
         self.built = False
+
+    # ------------------------------------------------------------------
+    # Checkpoints: hyperparameters are configuration, not state.
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "checkpoint":
+            # Guards, not the variables: see hyperparameters.CheckpointGuard.
+            children.update(self._guards())
+        return children
+
+    def _lookup_dependency(self, name, cached_dependencies=None):
+        guard = self._guards().get(name)
+        if guard is not None:
+            return guard
+        return super()._lookup_dependency(name, cached_dependencies)
+
+    def _guards(self):
+        # Empty while __init__ runs (tracking calls in before the engine).
+        engine = self.__dict__.get("_engine")
+        return engine.guards if engine is not None else {}
+
+    def _restore_hyperparameter(self, name, variable, saved):
+        """A checkpoint's value of a hyperparameter: kept aside and, when it
+        differs from this optimizer's, named in a warning."""
+        if not tf.executing_eagerly():
+            return tf.no_op()  # TF1-style graph restores: nothing to compare
+        saved = float(saved.numpy())
+        self._engine.restored_hyperparameters[name] = saved
+        current = self._engine.given.get(name, float(variable.numpy()))
+        if hyperparameters.differs(saved, current):
+            saved_text = hyperparameters.as_float32_text(saved)
+            warnings.warn(
+                f"The checkpoint holds {name}={saved_text}, but this "
+                f"optimizer was configured with {name}={current!r}; it keeps "
+                f"{current!r}: hyperparameters are configuration, not state. "
+                "Call `optimizer.use_restored_hyperparameters()` to take the "
+                "checkpoint's values instead.", stacklevel=2)
+        return None
+
+    @property
+    def restored_hyperparameters(self):
+        """`{name: value}` of the hyperparameters the last restored
+        checkpoint held (empty before any restore)."""
+        return dict(self._engine.restored_hyperparameters)
+
+    def use_restored_hyperparameters(self):
+        """Sets every hyperparameter the last restored checkpoint held to
+        its value there (e.g. a learning rate a callback lowered during the
+        run). A restore alone keeps this optimizer's own values.
+
+        Returns:
+            `{name: value}` of what was set.
+        """
+        restored = self.restored_hyperparameters
+        for name, value in restored.items():
+            self._assign_hyperparameter(name, value)
+        return restored
 
     # ------------------------------------------------------------------
     # State.

@@ -19,11 +19,13 @@ import gc
 import os
 import shutil
 import time
+import warnings
 
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 import tf_adamw
+from tf_adamw import hyperparameters
 from tf_adamw.train import artifacts
 from tf_adamw.train import config as config_lib
 from tf_adamw.train import data as data_lib
@@ -271,12 +273,26 @@ class _Checkpoints:
         Returns:
             (the restored checkpoint's path or None, the step to start from).
         """
-        restored = tf_adamw.restore_latest_good(self._checkpoint,
-                                                self._directory)
+        with warnings.catch_warnings():
+            # Hyperparameters that differ from the checkpoint's are said
+            # below, as the trainer's own lines.
+            warnings.filterwarnings("ignore", message="The checkpoint holds")
+            restored = tf_adamw.restore_latest_good(self._checkpoint,
+                                                    self._directory)
         start_step = int(self._optimizer.iterations.numpy())
         if restored:
             self._last_saved = start_step
         return restored, start_step
+
+    def changed_hyperparameters(self):
+        """Lines naming each hyperparameter whose configured value differs
+        from the restored checkpoint's (the config wins)."""
+        config = self._optimizer.get_config()
+        return [f"Config sets {name}={config[name]!r} (the checkpoint had "
+                f"{hyperparameters.as_float32_text(saved)})."
+                for name, saved in
+                self._optimizer.restored_hyperparameters.items()
+                if hyperparameters.differs(saved, config[name])]
 
     def save(self, step):
         self._manager.save(checkpoint_number=step)
@@ -477,6 +493,8 @@ def train(config, hooks=()):
     restored, start_step = checkpoints.restore()
     if restored:
         worker.say(f"Resumed from {restored} at step {start_step}.")
+        for line in checkpoints.changed_hyperparameters():
+            worker.say(line)
     if worker.chief:
         artifacts.truncate_history(_history_path(tr), start_step)
 
