@@ -206,6 +206,48 @@ def test_restore_latest_good_rejects_misuse(saved):
         tf_adamw.restore_latest_good(other, 3)
 
 
+def _mismatched(kind, strategy):
+    """A model + optimizer that does not match `saved`'s checkpoints, after
+    one step of its own; and a function reading all its state."""
+    with strategy.scope():
+        model = tf.Module(name="model")
+        model.v = tf.Variable(np.linspace(1, 2, 300 if kind != "shape" else
+                                          299, dtype=np.float32))
+        variables = [model.v]
+        if kind == "extra_variable":
+            model.w = tf.Variable([3.0, 4.0])
+            variables.append(model.w)
+        opt = tf_adamw.AdamW(learning_rate=0.1, use_ema=True,
+                             amsgrad=kind == "amsgrad")
+        opt.build(variables)
+    opt.apply_gradients([(v * 0.5, v) for v in variables])
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=opt)
+
+    def values():
+        return [np.array(c.numpy()) for v in variables + opt.variables
+                for c in getattr(v, "values", (v,))]
+
+    return checkpoint, values
+
+
+@pytest.mark.parametrize("kind", ["shape", "extra_variable", "amsgrad"])
+@pytest.mark.parametrize("replicas", [1, 4])
+def test_a_mismatched_checkpoint_is_refused_before_anything_changes(
+        saved, kind, replicas, mirrored_strategy):
+    """Another shape, a variable the checkpoint lacks, AMSGrad slots it
+    lacks: refused, and every variable, slot and counter (every replica's
+    copy) is as it was."""
+    source, _ = saved
+    strategy = (mirrored_strategy if replicas == 4
+                else tf.distribute.get_strategy())
+    checkpoint, values = _mismatched(kind, strategy)
+    before = values()
+    with pytest.raises(ValueError, match="nothing was restored"):
+        tf_adamw.restore_latest_good(checkpoint, str(source))
+    for got, want in zip(values(), before):
+        np.testing.assert_array_equal(got, want)
+
+
 # ----------------------------------------------------------------------------
 # A real process, SIGKILLed at random points.
 

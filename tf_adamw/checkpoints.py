@@ -12,6 +12,11 @@ import re
 import warnings
 
 import tensorflow as tf
+# What a save of the live objects would write (keys, shapes, dtypes), to
+# compare with a checkpoint before restoring anything. No public API gives
+# the keys of a live object graph.
+from tensorflow.python.checkpoint import graph_view
+from tensorflow.python.checkpoint import save_util
 
 __all__ = ["restore_latest_good"]
 
@@ -53,6 +58,47 @@ def _checkpoint_problem(prefix):
                     f"reading {key!r} failed ({type(e).__name__}: "
                     f"{_first_line(e)})")
     return None
+
+
+def _live_tensors(checkpoint):
+    """`{checkpoint key: (shape, dtype)}` a save of `checkpoint` would write
+    now (objects not created yet, e.g. an unbuilt optimizer's slots, are
+    not there: they restore when created)."""
+    serialized = save_util.serialize_graph_view(
+        graph_view.ObjectGraphView(checkpoint))[0]
+    out = {}
+    for tensors in serialized.values():
+        for key, value in tensors.items():
+            if isinstance(value, dict):  # {slice spec: tensor}
+                value = next(iter(value.values()))
+            tensor = getattr(value, "tensor", value)  # a SaveSpec or a tensor
+            if callable(tensor):
+                tensor = tensor()
+            out[key] = (tensor.shape.as_list(), tensor.dtype.base_dtype)
+    return out
+
+
+def _mismatch(checkpoint, prefix):
+    """Why restoring `prefix` into `checkpoint` would fail or be partial: a
+    live value the checkpoint lacks, or one of another shape or dtype.
+    None when every live value has its match."""
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    dtypes = reader.get_variable_to_dtype_map()
+    problems = []
+    for key, (shape, dtype) in sorted(_live_tensors(checkpoint).items()):
+        if key == "_CHECKPOINTABLE_OBJECT_GRAPH":
+            continue
+        if key not in shapes:
+            problems.append(f"{key!r} is not in the checkpoint")
+        elif list(shapes[key]) != shape or dtypes[key] != dtype:
+            problems.append(
+                f"{key!r} is {dtypes[key].name}{list(shapes[key])} in the "
+                f"checkpoint but {dtype.name}{shape} here")
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return "; ".join(problems[:5]) + more
 
 
 def _first_line(error):
@@ -157,6 +203,12 @@ def restore_latest_good(checkpoint, manager_or_directory):
             warnings.warn(f"Skipping a damaged checkpoint: {problem}.",
                           RuntimeWarning, stacklevel=2)
             continue
+        mismatch = _mismatch(checkpoint, prefix)
+        if mismatch:
+            # Refused before anything is restored: nothing has changed.
+            raise ValueError(
+                f"Checkpoint {prefix!r} does not match the objects of "
+                f"`checkpoint`, so nothing was restored: {mismatch}")
         status = checkpoint.restore(prefix)
         try:
             status.assert_existing_objects_matched()
