@@ -577,3 +577,108 @@ def test_equal_hyperparameters_restore_without_a_warning(tmp_path):
         tf.train.Checkpoint(v=v, opt=opt).restore(path).expect_partial()
     assert opt.restored_hyperparameters["learning_rate"] == pytest.approx(
         0.001)
+
+
+# ----------------------------------------------------------------------------
+# Slots follow their variables: a checkpoint whose slots belong to other
+# variables is refused, before anything changes.
+
+
+def _two_trained(amsgrad=False, names=("x", "y"), shapes=((3,), (3,))):
+    variables = [tf.Variable(np.full(s, 1.0 + i, np.float32), name=n)
+                 for i, (n, s) in enumerate(zip(names, shapes))]
+    opt = tf_adamw.AdamW(amsgrad=amsgrad)
+    opt.apply_gradients(
+        [(tf.fill(v.shape, 0.5 + i), v) for i, v in enumerate(variables)])
+    return variables, opt
+
+
+def _save_two(tmp_path, **kwargs):
+    variables, opt = _two_trained(**kwargs)
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(opt=opt), str(tmp_path / "two"), max_to_keep=1)
+    manager.save()
+    return str(tmp_path / "two"), manager.latest_checkpoint
+
+
+def _all_values(opt, variables):
+    return [np.array(c.numpy()) for v in variables + opt.variables
+            for c in getattr(v, "values", (v,))]
+
+
+@pytest.mark.parametrize("replicas", [1, 4])
+def test_restore_latest_good_refuses_variables_in_another_order(
+        tmp_path, replicas, mirrored_strategy):
+    """Same variables, built in another order (as renaming a `tf.Module`
+    attribute does): an error naming both, and nothing changes."""
+    directory, _ = _save_two(tmp_path)
+    strategy = (mirrored_strategy if replicas == 4
+                else tf.distribute.get_strategy())
+    with strategy.scope():
+        x = tf.Variable(np.zeros(3, np.float32), name="x")
+        y = tf.Variable(np.zeros(3, np.float32), name="y")
+        opt = tf_adamw.AdamW()
+        opt.build([y, x])
+    before = _all_values(opt, [x, y])
+    with pytest.raises(ValueError, match=r"another order: momentum slot 0 is "
+                       r"'adamw/x_momentum' in the checkpoint but "
+                       r"'adamw/y_momentum' here"):
+        tf_adamw.restore_latest_good(tf.train.Checkpoint(opt=opt), directory)
+    for got, want in zip(_all_values(opt, [x, y]), before):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("order", "another order"),
+    ("shape", r"shape \[3\] in the checkpoint"),
+    ("more", "for 2 variables but this optimizer is built with 1"),
+    ("amsgrad", "velocity_hat"),
+])
+def test_restore_then_build_refuses_slots_of_other_variables(
+        tmp_path, case, match):
+    """A plain `tf.train.Checkpoint.restore` into an unbuilt optimizer:
+    `build()` checks the slots waiting for it and builds nothing when they
+    belong to other variables; built right, they get their values."""
+    _, path = _save_two(tmp_path)
+    x = tf.Variable(np.zeros(3, np.float32), name="x")
+    y = tf.Variable(np.zeros(4 if case == "shape" else 3, np.float32),
+                    name="y")
+    wrong = {"order": [y, x], "shape": [x, y], "more": [x],
+             "amsgrad": [x, y]}[case]
+    opt = tf_adamw.AdamW(amsgrad=case == "amsgrad")
+    tf.train.Checkpoint(opt=opt).restore(path).expect_partial()
+    with pytest.raises(ValueError, match=match):
+        opt.build(wrong)
+    assert not opt.built and not opt.var_list
+    assert len(opt.variables) == 6  # iterations + 5 hyperparameters: no slot
+    if case == "order":
+        opt.build([x, y])  # the pending values still arrive
+        _, saved = _two_trained()
+        np.testing.assert_array_equal(
+            opt.slots_for(y)["momentum"].numpy(),
+            saved.slots_for(saved.var_list[1])["momentum"].numpy())
+
+
+@pytest.mark.parametrize("saved_amsgrad", [True, False])
+def test_restore_latest_good_refuses_an_amsgrad_mismatch(tmp_path,
+                                                         saved_amsgrad):
+    directory, _ = _save_two(tmp_path, amsgrad=saved_amsgrad)
+    x = tf.Variable(np.zeros(3, np.float32), name="x")
+    y = tf.Variable(np.zeros(3, np.float32), name="y")
+    opt = tf_adamw.AdamW(amsgrad=not saved_amsgrad)
+    opt.build([x, y])
+    with pytest.raises(ValueError, match="nothing was restored"):
+        tf_adamw.restore_latest_good(tf.train.Checkpoint(opt=opt), directory)
+    assert int(opt.iterations.numpy()) == 0
+
+
+def test_restore_latest_good_refuses_a_checkpoint_of_more_variables(
+        tmp_path):
+    directory, _ = _save_two(tmp_path)
+    x = tf.Variable(np.zeros(3, np.float32), name="x")
+    opt = tf_adamw.AdamW()
+    opt.build([x])
+    with pytest.raises(ValueError, match="for 2 variables but this "
+                       "optimizer is built with 1"):
+        tf_adamw.restore_latest_good(tf.train.Checkpoint(opt=opt), directory)
+    assert int(opt.iterations.numpy()) == 0

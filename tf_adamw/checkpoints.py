@@ -17,6 +17,7 @@ import tensorflow as tf
 # the keys of a live object graph.
 from tensorflow.python.checkpoint import graph_view
 from tensorflow.python.checkpoint import save_util
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 __all__ = ["restore_latest_good"]
 
@@ -60,6 +61,144 @@ def _checkpoint_problem(prefix):
     return None
 
 
+def trackable_paths(root):
+    """Every object reachable from `root` as a checkpoint would see it.
+
+    Returns:
+        A list of `(path, object)`, breadth first; `path` is the checkpoint
+        key prefix ("optimizer", "model/_layers/1", ...), "" for `root`.
+    """
+    seen = {id(root)}
+    out = [("", root)]
+    queue = [("", root)]
+    while queue:
+        path, obj = queue.pop(0)
+        try:
+            children = tf.train.TrackableView.children(obj)
+        except (AttributeError, TypeError):
+            continue  # not trackable: a leaf
+        for name, child in children.items():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            child_path = f"{path}/{name}" if path else name
+            out.append((child_path, child))
+            queue.append((child_path, child))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Slots follow their variables: what a checkpoint holds for an optimizer's
+# slots, checked against the variables it is built with.
+
+# Slot kind -> the tracked list on `AdamW` (its checkpoint key).
+_SLOT_LISTS = {"momentum": "_momentums", "velocity": "_velocities",
+               "velocity_hat": "_velocity_hats", "average": "_averages",
+               "accumulator": "_accumulators"}
+
+
+def pending_slots(slot_lists):
+    """What a restore into an unbuilt optimizer left waiting for its slots.
+
+    Args:
+        slot_lists: `{kind: tracked list}` of the (empty) slot lists.
+
+    Returns:
+        `{kind: {index: (saved name, saved shape)}}`; empty when no restore
+        is pending.
+    """
+    out = {}
+    for kind, slot_list in slot_lists.items():
+        # Deferred restorations TF keeps per child name until it is created.
+        deferred = getattr(slot_list, "_deferred_dependencies", {})
+        for name, positions in deferred.items():
+            attributes = positions[0].object_proto.attributes
+            if attributes and name.isdigit():
+                key = attributes[0].checkpoint_key
+                out.setdefault(kind, {})[int(name)] = (
+                    attributes[0].full_name,
+                    list(positions[0].checkpoint.shape_map[key]))
+    return out
+
+
+def saved_slots(reader, optimizer_path):
+    """`{kind: {index: (saved name, saved shape)}}` of the optimizer at
+    `optimizer_path` in a checkpoint (`tf.train.load_checkpoint`)."""
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    names = {a.checkpoint_key: a.full_name
+             for node in graph.nodes for a in node.attributes}
+    shapes = reader.get_variable_to_shape_map()
+    out = {}
+    for kind, attribute in _SLOT_LISTS.items():
+        pattern = re.compile(re.escape(f"{optimizer_path}/{attribute}/")
+                             + r"(\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")
+        for key, shape in shapes.items():
+            match = pattern.match(key)
+            if match:
+                out.setdefault(kind, {})[int(match.group(1))] = (
+                    names.get(key, ""), list(shape))
+    return out
+
+
+def slot_problem(saved, expected):
+    """Why `saved` slots cannot be the slots of `expected`, or None.
+
+    Args:
+        saved: `{kind: {index: (name, shape)}}` from a checkpoint.
+        expected: the same for the optimizer's own variables.
+
+    Returns:
+        A message naming the variables involved, or None when every saved
+        slot has its variable: same kinds, count, shapes and order.
+    """
+    if not saved:
+        return None  # the checkpoint holds no slots (saved before build)
+    if set(saved) != set(expected):
+        return (f"the checkpoint holds slots {sorted(saved)} but this "
+                f"optimizer keeps {sorted(expected)} (e.g. `amsgrad`, "
+                "`use_ema` or `gradient_accumulation_steps` differ)")
+    for kind in sorted(saved):
+        got, want = saved[kind], expected[kind]
+        if sorted(got) != list(range(len(want))):
+            return (f"the checkpoint holds {kind} slots for {len(got)} "
+                    f"variables but this optimizer is built with "
+                    f"{len(want)}")
+        names = [got[i][0] for i in range(len(want))]
+        own = [want[i][0] for i in range(len(want))]
+        if names != own and sorted(names) == sorted(own) and len(
+                set(own)) == len(own):
+            i = next(i for i in range(len(own)) if names[i] != own[i])
+            return (f"the variables are in another order: {kind} slot {i} "
+                    f"is {names[i]!r} in the checkpoint but {own[i]!r} here; "
+                    "build the optimizer with the variables in the order "
+                    "they had when the checkpoint was written")
+        for i in range(len(want)):
+            if got[i][1] != want[i][1]:
+                return (f"{kind} slot {i} has shape {got[i][1]} in the "
+                        f"checkpoint ({got[i][0]!r}) but {want[i][1]} here "
+                        f"({want[i][0]!r})")
+    return None
+
+
+def _slot_problems(checkpoint, reader):
+    """`slot_problem` of every built `tf_adamw.AdamW` in `checkpoint`'s
+    object graph (an unbuilt one checks its pending slots at `build()`)."""
+    from tf_adamw import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
+    problems = []
+    for path, obj in trackable_paths(checkpoint):
+        if isinstance(obj, optimizer_lib.AdamW) and obj.built:
+            own = {}
+            for i, variable in enumerate(obj.var_list):
+                for kind, slot in obj.slots_for(variable).items():
+                    own.setdefault(kind, {})[i] = (
+                        re.sub(r":\d+$", "", slot.name), slot.shape.as_list())
+            problem = slot_problem(saved_slots(reader, path), own)
+            if problem:
+                problems.append(f"the optimizer at {path!r}: {problem}")
+    return problems
+
+
 def _live_tensors(checkpoint):
     """`{checkpoint key: (shape, dtype)}` a save of `checkpoint` would write
     now (objects not created yet, e.g. an unbuilt optimizer's slots, are
@@ -95,6 +234,7 @@ def _mismatch(checkpoint, prefix):
             problems.append(
                 f"{key!r} is {dtypes[key].name}{list(shapes[key])} in the "
                 f"checkpoint but {dtype.name}{shape} here")
+    problems.extend(_slot_problems(checkpoint, reader))
     if not problems:
         return None
     more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

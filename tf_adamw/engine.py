@@ -12,6 +12,7 @@ import warnings
 
 import tensorflow as tf
 
+from tf_adamw import checkpoints
 from tf_adamw import distribute
 from tf_adamw import hyperparameters
 from tf_adamw import pipeline
@@ -85,6 +86,14 @@ class Engine:
             raise ValueError("Argument `var_list` must not be empty.")
         strategy = distribute.strategy_for_build(self.init_strategy)
         table = state_lib.VariableTable(var_list, self.decay_mask)
+        problem = checkpoints.slot_problem(
+            checkpoints.pending_slots(self.slot_lists),
+            state_lib.expected_slots(table, self.options))
+        if problem:
+            raise ValueError(
+                "A checkpoint restored into this optimizer before `build()` "
+                "does not fit the variables it is built with, so nothing was "
+                f"built: {problem}.")
         blocker = step_kinds.kernel_blocker(
             self.options.fused, table.tf_vars, table.compute_dtypes)
         if self.options.fused and blocker:

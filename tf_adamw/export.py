@@ -35,6 +35,7 @@ import os
 
 import tensorflow as tf
 
+from tf_adamw import checkpoints
 from tf_adamw import distribute
 from tf_adamw import optimizer as optimizer_lib
 from tf_adamw import state as state_lib
@@ -48,32 +49,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------
 # Walking the object graph that SavedModel and checkpoints save.
-
-
-def _trackable_paths(root):
-    """Every object reachable from `root` as a checkpoint would see it.
-
-    Returns:
-        A list of `(path, object)`, breadth first; `path` is the checkpoint
-        key prefix ("optimizer", "model/_layers/1", ...), "" for `root`.
-    """
-    seen = {id(root)}
-    out = [("", root)]
-    queue = [("", root)]
-    while queue:
-        path, obj = queue.pop(0)
-        try:
-            children = tf.train.TrackableView.children(obj)
-        except (AttributeError, TypeError):
-            continue  # not trackable: a leaf
-        for name, child in children.items():
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            child_path = f"{path}/{name}" if path else name
-            out.append((child_path, child))
-            queue.append((child_path, child))
-    return out
 
 
 def _variable_ids(objects):
@@ -140,7 +115,7 @@ def _check_module(module, function_name, role):
 def _check_training_optimizers(module):
     """The optimizers in `module` can be exported with it (see
     `export_training_model`'s Raises)."""
-    paths = _trackable_paths(module)
+    paths = checkpoints.trackable_paths(module)
     optimizers = _optimizers_in(paths)
     if not optimizers:
         raise ValueError(
@@ -263,7 +238,7 @@ def restore_training_variables(export_dir, module):
             "to `export_training_model`."
         )
     status = tf.train.Checkpoint(module).read(prefix)
-    optimizers = _optimizers_in(_trackable_paths(module))
+    optimizers = _optimizers_in(checkpoints.trackable_paths(module))
     all_built = all(o.built for _, o in optimizers)
     try:
         if all_built:
@@ -427,7 +402,7 @@ def export_serving_model(export_dir, module, optimizer=None):
             f"Received: optimizer={optimizer!r} of type "
             f"{type(optimizer).__name__}."
         )
-    paths = _trackable_paths(module)
+    paths = checkpoints.trackable_paths(module)
     _check_no_training_state(paths, optimizer)
     if optimizer is None or not optimizer.use_ema:
         tf.saved_model.save(module, export_dir,

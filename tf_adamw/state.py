@@ -241,6 +241,15 @@ class VariableTable:
         return grad
 
 
+def expected_slots(table, options):
+    """`{kind: {index: (slot variable name, shape)}}` that `create_slots`
+    makes for `table`: what a checkpoint's slots are checked against."""
+    return {kind: {i: (f"{options.name}/{slot_name(v, kind)}",
+                       v.shape.as_list())
+                   for i, v in enumerate(table.tf_vars)}
+            for kind in slot_kinds(options)}
+
+
 def split_pairs(grads_and_vars):
     """`(grads, variables)` lists from `(gradient, variable)` pairs.
 
