@@ -3,8 +3,9 @@
 Three layers, so that the native build is cached apart from its use:
 
 - `builder`: compiles the TensorFlow custom op against the installed
-  TensorFlow and caches it per (source, TensorFlow build, CPU); see its
-  docstring for where. No process state.
+  TensorFlow and caches it per (source, TensorFlow build, CPU), in a
+  directory only this user can write to, with a checksum that `load()`
+  verifies; see its docstring. No process state.
 - `loader`: loads the library once per process; `load()` returns None (and
   logs why, once) when it cannot be built here, and `tf_adamw.AdamW` keeps
   its XLA step.

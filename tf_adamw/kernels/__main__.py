@@ -1,8 +1,9 @@
 """`python -m tf_adamw.kernels [--force]`: builds the kernel, prints its path.
 
-`--force` rebuilds even if an up-to-date library is cached. The library is
-also loaded, so a build TensorFlow cannot load fails here rather than at
-the first training step.
+`--force` rebuilds even if a verified library is cached. The build writes
+the library's checksum, so later processes load it without rebuilding. The
+library is also loaded here, so a build TensorFlow cannot load fails now
+rather than at the first training step.
 """
 
 import sys

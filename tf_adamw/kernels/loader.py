@@ -1,6 +1,6 @@
 """Loads the fused AdamW kernel into this process, once.
 
-The first `load()` builds the library if its cache has none (see
+The first `load()` builds the library if its cache has no verified one (see
 `tf_adamw.kernels.builder`) and loads it. If no C++ compiler is found or the
 build fails, `load()` returns None, the reason is logged once, and
 `tf_adamw.AdamW` keeps its XLA step.
@@ -24,18 +24,15 @@ _state = {"tried": False, "module": None, "reason": None}
 def load():
     """The loaded op module, or None if the kernel cannot be built here.
 
-    Thread-safe; the build (or the failure) happens once per process.
+    Thread-safe; the build (or the failure) happens once per process. A
+    cached library is loaded only if it passes `builder.unverified_reason`
+    (its checksum matches); otherwise it is rebuilt first.
     """
     with _lock:
         if not _state["tried"]:
             _state["tried"] = True
             try:
-                path = builder.library_path()
-                if not os.path.exists(path):
-                    _log.info("tf_adamw: compiling the fused AdamW kernel "
-                              "(once per machine) into %s", path)
-                    path = builder.build()
-                _state["module"] = tf.load_op_library(path)
+                _state["module"] = tf.load_op_library(_verified_path())
             except (builder.KernelBuildError, OSError,
                     tf.errors.OpError) as e:
                 _state["reason"] = f"{type(e).__name__}: {e}"
@@ -43,6 +40,25 @@ def load():
                     "tf_adamw: the fused AdamW kernel is unavailable, using "
                     "the XLA step instead. %s", _state["reason"])
         return _state["module"]
+
+
+def _verified_path():
+    """The library's path, (re)built unless the cached one is verified."""
+    path = builder.library_path()
+    problem = builder.unverified_reason(path)
+    if problem is None:
+        return path
+    _log.info("tf_adamw: compiling the fused AdamW kernel (once per "
+              "machine) into %s: %s", path, problem)
+    try:
+        return builder.build()
+    except builder.KernelBuildError as e:
+        if os.path.exists(path):
+            # Say why the cached library was not used either.
+            raise builder.KernelBuildError(
+                f"the cached {path} was not loaded ({problem}) and "
+                f"rebuilding it failed: {e}") from e
+        raise
 
 
 def unavailable_reason():
