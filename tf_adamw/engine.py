@@ -8,6 +8,8 @@ slot lists, hyperparameters) through the optimizer's own containers, which
 it is given, so that checkpoints keep their keys.
 """
 
+import contextlib
+import threading
 import warnings
 
 import tensorflow as tf
@@ -60,6 +62,9 @@ class Engine:
         self.init_strategy = tf.distribute.get_strategy()
         self.strategy = None  # the strategy of build()
         self.distributed = False  # built under a non-default strategy
+        # Eager calls from several threads take turns: a step reads
+        # `iterations` (bias correction) before it increments it.
+        self.lock = threading.RLock()
 
     @property
     def iterations(self):
@@ -116,6 +121,20 @@ class Engine:
                 self.slot_tables = state_lib.slot_tables(
                     self.slot_lists["momentum"], self.slot_lists["velocity"],
                     self.slot_lists["velocity_hat"])
+
+    def turn(self):
+        """A context in which this optimizer's state is this call's alone.
+
+        Eager calls take the lock. Replica threads of a strategy
+        (`strategy.run` eagerly) do not: they meet in the merge call, which
+        a lock held by one of them would deadlock, and they write only their
+        own replica's copies.
+        """
+        if tf.executing_eagerly() and not (
+                tf.distribute.has_strategy()
+                and tf.distribute.in_cross_replica_context() is False):
+            return self.lock
+        return contextlib.nullcontext()
 
     def index_of(self, variable):
         """The position of `variable` in the built list.

@@ -502,11 +502,12 @@ class AdamW(tf.Module):
                 f"Received {len(grads)} gradients for {len(variables)} "
                 "variables: `grads` and `trainable_variables` must match "
                 "one-to-one.")
-        if not self.built:
-            self.build(variables)
-        return self._engine.apply(grads, variables, aggregate=not (
-            options_lib.boolean("skip_gradients_aggregation",
-                                skip_gradients_aggregation)))
+        aggregate = not options_lib.boolean("skip_gradients_aggregation",
+                                            skip_gradients_aggregation)
+        with self._engine.turn():
+            if not self.built:
+                self.build(variables)
+            return self._engine.apply(grads, variables, aggregate)
 
     # ------------------------------------------------------------------
     # The rest of the Keras API.
