@@ -2,13 +2,15 @@
 # The one command: sets up .venv-bench (once) and runs the AdamW benchmark.
 #
 #   bash benchmarks/run.sh                       # full run, ~5.5 min on 2 cores
-#   bash benchmarks/run.sh --quick               # smoke run
+#   bash benchmarks/run.sh --quick               # smoke run, into
+#                                                # benchmarks/results/quick/
 #   bash benchmarks/run.sh --layouts B --rounds 3 --steps 10
 #   bash benchmarks/run.sh --memory subprocess   # + per-implementation peak
 #                                                #   RSS in fresh processes
 #
 # Any argument is passed to benchmarks/bench_adamw.py (see --help). Results:
-# benchmarks/results/{results.json,results.md,results.png}. torch and
+# benchmarks/results/{results.json,results.md,results.png} (a --quick run:
+# benchmarks/results/quick/, not committed). torch and
 # jax/optax are optional: if they fail to install or import, the benchmark
 # still runs and marks them "not installed". Never touches .venv.
 set -euo pipefail
@@ -32,8 +34,17 @@ fi
 # cached by source, TF and CPU), so no timed first call pays for it.
 "$VENV/bin/python" -m tf_adamw.kernels >/dev/null
 has_out=0
-for a in "$@"; do case "$a" in --out|--out=*) has_out=1 ;; esac; done
+quick=0
+for a in "$@"; do
+  case "$a" in
+    --out|--out=*) has_out=1 ;;
+    --quick) quick=1 ;;
+  esac
+done
 if [ "$has_out" = 1 ]; then
   exec "$VENV/bin/python" benchmarks/bench_adamw.py "$@"
 fi
-exec "$VENV/bin/python" benchmarks/bench_adamw.py --out benchmarks/results "$@"
+# A smoke run never replaces the committed results of a full run.
+out=benchmarks/results
+[ "$quick" = 1 ] && out=benchmarks/results/quick
+exec "$VENV/bin/python" benchmarks/bench_adamw.py --out "$out" "$@"

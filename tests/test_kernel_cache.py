@@ -184,6 +184,19 @@ def test_a_truncated_library_is_rebuilt_not_loaded(
     _assert_verified(path, good_library)
 
 
+def test_the_first_build_says_it_is_compiling(tmp_path, copying_compiler):
+    """A build takes ~10-20 s: the first use says so by default (a logged
+    warning on stderr), not silently."""
+    compiler, _ = copying_compiler
+    outcome = _load_in_child(_env(
+        TF_ADAMW_KERNEL_DIR=_private_dir(tmp_path / "kernels"), CXX=compiler))
+    assert outcome["loaded"], outcome["reason"]
+    assert "compiling the fused AdamW kernel" in outcome["stderr"]
+    again = _load_in_child(_env(TF_ADAMW_KERNEL_DIR=tmp_path / "kernels",
+                                CXX=compiler))
+    assert "compiling" not in again["stderr"]  # cached: nothing to say
+
+
 @pytest.mark.parametrize("garbage", ["text", "truncated library"])
 def test_a_compiler_writing_garbage_fails_the_build(
         tmp_path, monkeypatch, good_library, copying_compiler, garbage):

@@ -267,6 +267,15 @@ def test_inside_a_jit_compiled_function_the_xla_step_runs():
     agrees with the kernel run eagerly)."""
     opt, jitted = _train("jit", amsgrad=True)
     assert opt.uses_fused_kernel  # it would be used outside XLA
+    seen = []
+
+    @tf.function(jit_compile=True)
+    def inside_xla():
+        seen.append(opt.uses_fused_kernel)  # at trace time
+        return tf.constant(0)
+
+    inside_xla()
+    assert seen == [False]  # the property tells the truth inside XLA
     _, eager = _train("eager", amsgrad=True)
     for a, b in zip(jitted, eager):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-7)

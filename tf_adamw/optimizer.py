@@ -436,14 +436,17 @@ class AdamW(tf.Module):
 
     @property
     def uses_fused_kernel(self):
-        """True when eager and `tf.function` steps run the fused kernel.
+        """True when a step applied here and now runs the fused kernel.
 
-        False before `build()`, with `fused=False`, and when the kernel cannot
-        run the variables (see `fused` in the class docstring). Steps traced
-        inside XLA use the XLA step regardless, and steps traced for a
-        SavedModel its plain-op twin (`tf_adamw.step_kinds`).
+        Asked eagerly or while a plain `tf.function` is traced: True once
+        built when the kernel can run the variables. False before `build()`,
+        with `fused=False`, when the kernel cannot run the variables (see
+        `fused` in the class docstring), while a `jit_compile=True` function
+        or a TPU replica is traced (the XLA step runs there) and while a
+        SavedModel is traced (its plain-op twin runs; `tf_adamw.step_kinds`).
         """
-        return self.built and self._engine.kernel_ready
+        return self.built and (
+            self._engine.choose().kind == step_kinds.FUSED)
 
     # ------------------------------------------------------------------
     # Applying gradients.

@@ -48,8 +48,10 @@ def _verified_path():
     problem = builder.unverified_reason(path)
     if problem is None:
         return path
-    _log.info("tf_adamw: compiling the fused AdamW kernel (once per "
-              "machine) into %s: %s", path, problem)
+    # Said by default (a warning): the build takes ~10-20 s, once per
+    # machine and TensorFlow, and a silent pause looks like a hang.
+    _log.warning("tf_adamw: compiling the fused AdamW kernel (once per "
+                 "machine, ~10-20 s) into %s: %s", path, problem)
     try:
         return builder.build()
     except builder.KernelBuildError as e:
