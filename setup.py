@@ -23,7 +23,8 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        # tensorboard: Keras's TensorBoard callback in the fit() tests.
+        "test": ["pytest", "tensorboard"],
         # TFP 0.25 imports tf_keras; both are needed for tfp.math.minimize.
         "tfp": ["tensorflow-probability==0.25.0", "tf-keras==2.21.0"],
     },
