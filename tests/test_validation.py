@@ -11,7 +11,9 @@ test fails before any tracing, so the file runs in a few seconds.
 """
 
 import math
+import os
 import re
+import tempfile
 import warnings
 
 import keras
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tf_adamw
 from tf_adamw import AdamW
 
 
@@ -451,3 +454,27 @@ def test_none_gradient_is_skipped_with_warning():
         np.testing.assert_array_equal(slot.numpy(), [0.0, 0.0], err_msg=name)
     for name, slot in opt.slots_for(a).items():
         assert np.any(slot.numpy() != 0.0), name
+
+
+def test_scale_loss_takes_a_python_number():
+    """Keras's `scale_loss(1.0)` works with a plain float."""
+    opt = tf_adamw.AdamW(loss_scale_factor=4.0)
+    assert float(opt.scale_loss(1.0)) == 4.0
+    assert float(opt.scale_loss(np.float32(0.5))) == 2.0
+    assert tf_adamw.AdamW().scale_loss(1.0) == 1.0
+
+
+def test_a_schedule_set_as_learning_rate_drops_the_old_variable():
+    """As Keras: the learning-rate variable is no longer state once a
+    schedule replaces it (not in `variables`, not in checkpoints)."""
+    opt = tf_adamw.AdamW(learning_rate=0.01)
+    old = opt.learning_rate
+    opt.learning_rate = lambda: 0.5
+    assert not any(v is old for v in opt.variables)
+    keys = [k for k, _ in tf.train.list_variables(
+        tf.train.Checkpoint(opt=opt).write(
+            os.path.join(tempfile.mkdtemp(), "ckpt")))]
+    assert not any("_learning_rate" in k for k in keys), keys
+    v = tf.Variable([1.0])
+    opt.apply_gradients([(tf.constant([1.0]), v)])
+    assert float(opt.learning_rate) == 0.5

@@ -70,6 +70,14 @@ class Engine:
     def iterations(self):
         return self.counters[0]
 
+    def forget_hyperparameter(self, name):
+        """Drops the variable the optimizer made for `name` (replaced by a
+        schedule, callable or variable of the user's): it is no longer
+        state, in `variables` or in checkpoints."""
+        self.own_hyperparameters.pop(name, None)
+        self.given.pop(name, None)
+        self.guards.pop("_" + name, None)
+
     # ------------------------------------------------------------------
     # Building.
 

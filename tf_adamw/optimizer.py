@@ -325,7 +325,12 @@ class AdamW(tf.Module):
     @learning_rate.setter
     def learning_rate(self, value):
         if hyperparameters.is_read_each_step(value):
+            # Deleting first untracks the variable (assigning an untrackable
+            # value would keep it as a checkpoint dependency).
+            del self._learning_rate
             self._learning_rate = value
+            # As Keras: the variable it replaces is no longer state.
+            self._engine.forget_hyperparameter("learning_rate")
             self._engine.runner.functions.clear()  # reads a new object
             return
         if self._learning_rate is not self._engine.own_hyperparameters.get(
@@ -517,11 +522,20 @@ class AdamW(tf.Module):
 
     @_not_converted
     def scale_loss(self, loss):
-        """Multiplies `loss` by `loss_scale_factor` (if set)."""
+        """Multiplies `loss` by `loss_scale_factor` (if set).
+
+        Args:
+            loss: a tensor, or a Python or NumPy number.
+
+        Returns:
+            `loss` itself without a factor; else `loss * factor` as a tensor
+            of `loss`'s dtype.
+        """
         factor = self._options.loss_scale_factor
-        if factor is not None:
-            return loss * tf.cast(factor, loss.dtype)
-        return loss
+        if factor is None:
+            return loss
+        loss = tf.convert_to_tensor(loss)
+        return loss * tf.cast(factor, loss.dtype)
 
     @_not_converted
     def finalize_variable_values(self, var_list):
