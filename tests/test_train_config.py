@@ -2,6 +2,8 @@
 
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -188,3 +190,126 @@ def test_fused_kernel_setting_reaches_the_optimizer(fused_kernel):
     optimizer = loop.Run(config).make_optimizer()
     optimizer.build([tf.Variable([1.0, 2.0], name="kernel")])
     assert optimizer.uses_fused_kernel is fused_kernel
+
+
+def _float_keys():
+    """Every float key of the config, from the dataclasses."""
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    import typing  # pylint: disable=g-import-not-at-top
+
+    def walk(target, prefix):
+        hints = typing.get_type_hints(type(target))
+        for field in dataclasses.fields(target):
+            value = getattr(target, field.name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{prefix}{field.name}.")
+            elif hints[field.name] is float:
+                yield f"{prefix}{field.name}"
+
+    return list(walk(config_lib.Config(), ""))
+
+
+def _nested(key, text):
+    *sections, leaf = key.split(".")
+    lines = [f"{'  ' * i}{s}:" for i, s in enumerate(sections)]
+    return "\n".join(lines + [f"{'  ' * len(sections)}{leaf}: {text}"]) + "\n"
+
+
+@pytest.mark.parametrize("key", _float_keys())  # a new float key too
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", ".NaN", "-.Inf"])
+def test_non_finite_numbers_are_errors_naming_the_key(tmp_path, key, text):
+    """`learning_rate: .nan` used to train 60 steps of NaN and exit 0."""
+    path = _write(tmp_path, _nested(key, text))
+    with pytest.raises(config_lib.ConfigError, match="finite") as e:
+        config_lib.load(path)
+    assert f"`{key}`" in str(e.value) and path in str(e.value)
+    with pytest.raises(config_lib.ConfigError, match="finite") as e:
+        config_lib.load([], f"{key}={text}")
+    assert f"`{key}`" in str(e.value) and "--params_override" in str(e.value)
+
+
+@pytest.mark.parametrize("flag, text", [("learning_rate", ".nan"),
+                                        ("learning_rate", "-.inf"),
+                                        ("train_steps", "many"),
+                                        ("global_batch_size", "0")])
+def test_bad_flag_values_name_the_flag_and_the_key(flag, text):
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load([], flag_values={flag: text})
+    assert f"--{flag}" in str(e.value)
+    assert f"`{config_lib.FLAG_KEYS[flag]}`" in str(e.value)
+
+
+def test_flags_win_over_the_override_and_the_file(tmp_path):
+    path = _write(tmp_path, "trainer:\n  train_steps: 300\ntask:\n  data:\n"
+                  "    global_batch_size: 16\n", "file.yaml")
+    config = config_lib.load(
+        path, "trainer.train_steps=400,task.optimizer.learning_rate=1e-3",
+        flag_values={"train_steps": "500", "learning_rate": None,
+                     "global_batch_size": None})
+    assert config.trainer.train_steps == 500  # flag > override > file
+    assert config.task.optimizer.learning_rate == 1e-3  # override > default
+    assert config.task.data.global_batch_size == 16  # file > default
+    config = config_lib.load(path, flag_values={"learning_rate": "3e-4",
+                                                "global_batch_size": 8})
+    assert config.task.optimizer.learning_rate == 3e-4
+    assert config.task.data.global_batch_size == 8
+
+
+def test_describe_keys_lists_every_key_with_its_default():
+    text = "\n".join(config_lib.describe_keys())
+    for key in config_lib.flatten(config_lib.to_dict(config_lib.Config())):
+        assert f"  {key} (" in text, key
+    assert "  trainer.train_steps (int) = 600" in text
+    assert "  task.optimizer.learning_rate (float) = 0.003" in text
+    assert "[one_device | mirrored | multi_worker_mirrored | tpu]" in text
+
+
+def _cli_child(code):
+    """Runs `code` in a fresh Python (no TensorFlow imported yet)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + sys.path))
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.multiprocess
+def test_help_exits_0_lists_the_keys_and_imports_no_tensorflow():
+    proc = _cli_child(
+        "import sys\n"
+        "from tf_adamw.train import __main__ as cli\n"
+        "try:\n"
+        "    cli.run(['tf_adamw.train', '--help'])\n"
+        "except SystemExit as e:\n"
+        "    print('EXIT', e.code, 'tensorflow' in sys.modules)\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("EXIT 0 False"), proc.stdout[-500:]
+    for text in ("--config_file", "--params_override", "--train_steps",
+                 "--learning_rate", "--global_batch_size", "--verbose",
+                 "trainer.train_steps (int) = 600",
+                 "task.model.d_model (int) = 128", "Exit status"):
+        assert text in proc.stdout, text
+    # As users run it: exit status 0 (absl's own --help exits 1).
+    proc = subprocess.run([sys.executable, "-m", "tf_adamw.train", "-h"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0 and "trainer.train_steps" in proc.stdout
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("argv", [
+    ["--config_file=tpu_configs/cpu_local.yaml",
+     "--params_override=task.optimizer.learning_rate=.nan"],
+    ["--config_file=tpu_configs/cpu_local.yaml", "--learning_rate=.inf"],
+    ["--train_steps=ten"],
+    ["--config_file=no/such/file.yaml"],
+])
+def test_config_errors_are_one_line_and_import_no_tensorflow(argv):
+    proc = _cli_child(
+        "import sys\n"
+        "from tf_adamw.train import __main__ as cli\n"
+        "try:\n"
+        f"    cli.run(['tf_adamw.train'] + {argv!r})\n"
+        "except SystemExit as e:\n"
+        "    print('EXIT', e.code, 'tensorflow' in sys.modules)\n")
+    assert proc.stdout.strip() == "EXIT 2 False", (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: ConfigError: ")
+    assert proc.stderr.count("\n") == 1, proc.stderr

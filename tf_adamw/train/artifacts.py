@@ -9,6 +9,8 @@ works the same after a one-device, mirrored, multi-worker or TPU run.
 
 import json
 import os
+import sys
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -18,17 +20,81 @@ from tf_adamw.train import data as data_lib
 from tf_adamw.train import model as model_lib
 
 
-class ServingModule(tf.Module):
-    """The model and `serve`: token ids -> logits and the next token."""
+VOCABULARY_FILE = "vocab.txt"
 
-    def __init__(self, model):
+
+def write_vocabulary(path):
+    """The char LM's vocabulary: line i holds token id i as a JSON string.
+
+    JSON, because one token is the newline (written `"\\n"`); the ids past
+    the alphabet, padding for TPU-friendly shapes, are `""` (no text).
+    """
+    tokens = list(data_lib.ALPHABET) + [""] * (
+        data_lib.VOCAB_SIZE - len(data_lib.ALPHABET))
+    lines = [json.dumps(token) for token in tokens]
+    for token in tokens:
+        # `ServingModule.vocabulary` undoes only the quotes and `\n`.
+        if json.dumps(token)[1:-1].replace("\\n", "\n") != token:
+            raise ValueError(f"token {token!r} needs another JSON escape")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+class ServingModule(tf.Module):
+    """What the serving SavedModel holds for a client.
+
+    - `serve` (the `serving_default` signature): `tokens`, int32 ids of
+      shape [batch, length] with 1 <= length <= `max_sequence_length`, to
+      `logits` [batch, length, vocab] and the greedy `next_token` [batch].
+      A longer input is an InvalidArgumentError saying the maximum.
+    - `vocabulary_file`: the asset `assets/vocab.txt`, line i = the token
+      of id i as a JSON string (readable without TensorFlow).
+    - `vocabulary()`: the same tokens as a string tensor (index = id).
+    - `max_sequence_length`: an int32 variable, the model's position count.
+    """
+
+    def __init__(self, model, vocabulary_path):
         super().__init__(name="serving")
         self.model = model
+        self.vocabulary_file = tf.saved_model.Asset(vocabulary_path)
+        self.max_sequence_length = tf.Variable(
+            model.seq_len, dtype=tf.int32, trainable=False,
+            name="max_sequence_length")
+        self._seq_len = model.seq_len
+        self._vocab_size = model.vocab_size
+
+    @tf.function(input_signature=[])
+    def vocabulary(self):
+        text = tf.strings.strip(tf.io.read_file(self.vocabulary_file))
+        lines = tf.strings.split(text, "\n")
+        lengths = tf.strings.length(lines)
+        tokens = tf.strings.substr(lines, tf.ones_like(lengths), lengths - 2)
+        return tf.strings.regex_replace(tokens, r"\\n", "\n")
+
+    def _checks(self, tokens):
+        length = tf.shape(tokens)[1]
+        return [
+            tf.debugging.assert_positive(
+                length, message="serve: `tokens` needs at least 1 position"),
+            tf.debugging.assert_less_equal(
+                length, self._seq_len, message=(
+                    f"serve: `tokens` may have at most {self._seq_len} "
+                    "positions (max_sequence_length, the model's position "
+                    f"count); pass the last {self._seq_len} ids of a longer "
+                    "text")),
+            tf.debugging.assert_non_negative(
+                tokens, message="serve: token ids must be >= 0"),
+            tf.debugging.assert_less(
+                tokens, self._vocab_size, message=(
+                    f"serve: token ids must be < {self._vocab_size} (the "
+                    "vocabulary size)")),
+        ]
 
     @tf.function(input_signature=[
         tf.TensorSpec([None, None], tf.int32, name="tokens")])
     def serve(self, tokens):
-        logits = self.model(tokens)
+        with tf.control_dependencies(self._checks(tokens)):
+            logits = self.model(tokens)
         return {"logits": logits,
                 "next_token": tf.argmax(logits[:, -1], axis=-1,
                                         output_type=tf.int32)}
@@ -100,10 +166,14 @@ def export(run, checkpoint_path, export_dir):
         if optimizer.use_ema:
             with tf_adamw.ema_weights(optimizer):
                 results["eval_loss_ema"] = evaluate(model, run.eval_data)
-        serving = ServingModule(model)
         serving_dir = os.path.join(export_dir, "serving")
         training_dir = os.path.join(export_dir, "training")
-        tf_adamw.export_serving_model(serving_dir, serving, optimizer)
+        with tempfile.TemporaryDirectory() as scratch:
+            # The SavedModel copies the asset into its assets/ directory.
+            vocabulary = os.path.join(scratch, VOCABULARY_FILE)
+            write_vocabulary(vocabulary)
+            serving = ServingModule(model, vocabulary)
+            tf_adamw.export_serving_model(serving_dir, serving, optimizer)
         tf_adamw.export_training_model(training_dir, TrainingModule(
             model, optimizer, run.compute_dtype, config.task.data.seq_len))
         if optimizer.use_ema:
@@ -122,22 +192,38 @@ def export(run, checkpoint_path, export_dir):
 # Metrics history and the loss curve.
 
 
-def read_history(path):
-    """The logged rows of `metrics.jsonl` (later rows win for a step)."""
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_history(path, warn=_warn):
+    """The logged rows of `metrics.jsonl` (later rows win for a step).
+
+    A line that is not a JSON row with a step (a write cut short by a crash
+    leaves a torn last line) is skipped, with a `warn(message)`.
+    """
     rows = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    row = json.loads(line)
-                    rows[row["step"]] = row
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+                rows[int(row["step"])] = row
+            except (ValueError, TypeError, KeyError) as e:
+                warn(f"{path} line {number} is not a metrics row (a write "
+                     f"cut short?): {line[:60]!r} ({type(e).__name__}); "
+                     "skipped.")
     return [rows[s] for s in sorted(rows)]
 
 
-def truncate_history(path, last_step):
-    """Drops rows after `last_step` (logged after the checkpoint resumed)."""
-    rows = [r for r in read_history(path) if r["step"] <= last_step]
+def truncate_history(path, last_step, warn=_warn):
+    """Drops rows after `last_step` (logged after the checkpoint resumed),
+    and lines that are not rows (see `read_history`)."""
+    rows = [r for r in read_history(path, warn) if r["step"] <= last_step]
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -9,10 +9,15 @@ key has a default; a YAML file (read with `yaml.safe_load`) and then
 
 Errors are `ConfigError`s naming the key (dotted) and where its value came
 from (the file, or `--params_override`): an unknown key, a wrong type, or a
-value out of range.
+value out of range, or a number that is not finite (`.nan`, `.inf`).
+
+Precedence, lowest first: the dataclass defaults, the config files (in
+order), `--params_override`, then the plain flags (`--model_dir`, `--tpu`,
+`--train_steps`, `--learning_rate`, `--global_batch_size`).
 """
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -30,6 +35,14 @@ class ConfigError(ValueError):
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("float32", "bfloat16")
+# Keys with a fixed set of values (listed by `--help`).
+CHOICES = {"runtime.distribution_strategy": STRATEGIES,
+           "runtime.mixed_precision_dtype": PRECISIONS}
+# The plain CLI flags that set a config key; they win over the files and
+# `--params_override`.
+FLAG_KEYS = {"train_steps": "trainer.train_steps",
+             "learning_rate": "task.optimizer.learning_rate",
+             "global_batch_size": "task.data.global_batch_size"}
 
 
 @dataclasses.dataclass
@@ -183,11 +196,17 @@ def _check_type(key, value, annotation, source):
         if isinstance(value, bool):
             fail("a number")
         if isinstance(value, (int, float)):
-            return float(value)
+            number = float(value)
         # YAML 1.1 reads `3e-3` (no dot) as a string; accept that spelling.
-        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
-            return float(value)
-        fail("a number")
+        elif isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            number = float(value)
+        else:
+            fail("a number")
+        # YAML's `.nan` / `.inf` are floats: refuse them here, for every
+        # float key, rather than train on them.
+        if not math.isfinite(number):
+            fail("a finite number")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             fail("a string")
@@ -429,7 +448,29 @@ def _check_optimizer(o, t, fail):
         fail("task.optimizer.exclude_from_weight_decay", f"is invalid: {e}")
 
 
-def load(config_files=(), params_override="", model_dir=None, tpu=None):
+def _apply_flags(config, flag_values, sources):
+    """The plain flags (`FLAG_KEYS`): text read as YAML, like an override."""
+    for name, raw in (flag_values or {}).items():
+        if raw is None:
+            continue
+        if name not in FLAG_KEYS:
+            raise ConfigError(f"--{name} is not a config flag; known: "
+                              f"{', '.join('--' + n for n in FLAG_KEYS)}.")
+        value = raw
+        if isinstance(raw, str):
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--{name}: not valid YAML: {e}") from e
+        *sections, leaf = FLAG_KEYS[name].split(".")
+        data = {leaf: value}
+        for section in reversed(sections):
+            data = {section: data}
+        _merge(config, data, f"--{name}", "", sources)
+
+
+def load(config_files=(), params_override="", model_dir=None, tpu=None,
+         flag_values=None):
     """Builds and validates a `Config`.
 
     Args:
@@ -437,6 +478,9 @@ def load(config_files=(), params_override="", model_dir=None, tpu=None):
         params_override: `--params_override` text (see `parse_override`).
         model_dir: the `--model_dir` flag (wins over `trainer.model_dir`).
         tpu: the `--tpu` flag (wins over `runtime.tpu`).
+        flag_values: `{flag name: value}` for the `FLAG_KEYS` flags (text is
+            read as YAML; None means not given); they win over the files
+            and `params_override`.
 
     Raises:
         ConfigError: naming the key and the file (or flag) it came from.
@@ -450,6 +494,7 @@ def load(config_files=(), params_override="", model_dir=None, tpu=None):
     if params_override:
         _merge(config, parse_override(params_override), "--params_override",
                "", sources)
+    _apply_flags(config, flag_values, sources)
     if model_dir:
         config.trainer.model_dir = model_dir
         sources["trainer.model_dir"] = "--model_dir"
@@ -464,8 +509,64 @@ def load(config_files=(), params_override="", model_dir=None, tpu=None):
     return config
 
 
+def from_dict(data, source):
+    """A `Config` from a nested dict (e.g. a saved config.yaml), unvalidated.
+
+    Keys the dict lacks keep their defaults.
+
+    Raises:
+        ConfigError: an unknown key or a wrong type, naming `source`.
+    """
+    config = Config()
+    _merge(config, data or {}, source, "", {})
+    return config
+
+
 def to_dict(config):
     return dataclasses.asdict(config)
+
+
+def flatten(data, prefix=""):
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists are values)."""
+    out = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def _type_text(annotation):
+    if typing.get_origin(annotation) in (list, typing.List):
+        return f"list of {typing.get_args(annotation)[0].__name__}"
+    return {bool: "bool", int: "int", float: "float", str: "str"}[annotation]
+
+
+def describe_keys(target=None, prefix=""):
+    """Every config key with its type and default, from the dataclasses.
+
+    Returns:
+        Lines for `--help`: a heading per section (its docstring) and one
+        line per key, `  key (type) = default`.
+    """
+    target = Config() if target is None else target
+    hints = typing.get_type_hints(type(target))
+    lines = []
+    for field in dataclasses.fields(target):
+        key, value = f"{prefix}{field.name}", getattr(target, field.name)
+        if dataclasses.is_dataclass(value):
+            doc = (type(value).__doc__ or "").strip().splitlines()[0]
+            lines.append(f"{key}: {doc}")
+            lines.extend(describe_keys(value, key + "."))
+            continue
+        default = yaml.safe_dump(value, default_flow_style=True).strip()
+        default = default.removesuffix("\n...").removesuffix("...").strip()
+        line = f"  {key} ({_type_text(hints[field.name])}) = {default}"
+        if key in CHOICES:
+            line += f"  [{' | '.join(CHOICES[key])}]"
+        lines.append(line)
+    return lines
 
 
 def to_yaml(config):

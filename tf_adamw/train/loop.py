@@ -1,9 +1,11 @@
 """The custom training loop.
 
-    setup_devices -> strategy -> model + AdamW under strategy.scope()
-    -> restore the newest good checkpoint -> distributed dataset from the
-    restored step -> repeat { one tf.function call = steps_per_loop updates }
-    -> log / TensorBoard / checkpoint -> export SavedModels, loss curve.
+    setup_devices -> lock the model directory -> check a resume against
+    the saved config.yaml (or stop: already complete) -> strategy -> model +
+    AdamW under strategy.scope() -> restore the newest good checkpoint ->
+    distributed dataset from the restored step -> repeat { one tf.function
+    call = steps_per_loop updates } -> log / TensorBoard / checkpoint, or
+    save and stop on SIGTERM / SIGINT -> export SavedModels, loss curve.
 
 One optimizer update is `gradient_accumulation_steps` micro-batches of
 `global_batch_size` sequences. In each micro-step every replica computes the
@@ -19,6 +21,7 @@ import gc
 import os
 import shutil
 import time
+import typing
 import warnings
 
 import tensorflow as tf
@@ -30,8 +33,10 @@ from tf_adamw.train import artifacts
 from tf_adamw.train import config as config_lib
 from tf_adamw.train import data as data_lib
 from tf_adamw.train import model as model_lib
+from tf_adamw.train import rundir
 from tf_adamw.train import runtime as runtime_lib
 from tf_adamw.train import schedule as schedule_lib
+from tf_adamw.train import signals
 
 
 def _scalar_summary(name, value, step):
@@ -72,13 +77,35 @@ class Result:
     checkpoint: str
     exports: dict
     wall_seconds: float
+    # "SIGTERM" / "SIGINT" when a signal stopped the run (after saving a
+    # checkpoint of `final_step`; no exports), else None.
+    stopped_by: typing.Optional[str] = None
+    # True when the model directory held the finished run already.
+    already_complete: bool = False
+
+
+def make_schedule(config):
+    """The config's warmup + cosine learning-rate schedule."""
+    o = config.task.optimizer
+    return schedule_lib.WarmupCosineDecay(
+        o.learning_rate, o.warmup_steps, config.trainer.train_steps,
+        alpha=o.end_learning_rate_ratio)
+
+
+def _learning_rate(config, step):
+    """The rate of the update after `step` updates (what AdamW reads)."""
+    return float(make_schedule(config)(step))
 
 
 class Run:
     """A configured run: builders for the model, optimizer and data."""
 
-    def __init__(self, config):
+    def __init__(self, config, strategy=None):
         self.config = config
+        self.strategy = strategy  # None: built for the exports only
+        # Agreement between the workers of a multi-worker job.
+        self.any_worker = (runtime_lib.any_worker_function(strategy)
+                           if strategy is not None else tuple)
         task = config.task
         self.compute_dtype = tf.as_dtype(
             config.runtime.mixed_precision_dtype)
@@ -100,10 +127,7 @@ class Run:
             seed=self.config.task.seed)
 
     def make_schedule(self):
-        o = self.config.task.optimizer
-        return schedule_lib.WarmupCosineDecay(
-            o.learning_rate, o.warmup_steps, self.config.trainer.train_steps,
-            alpha=o.end_learning_rate_ratio)
+        return make_schedule(self.config)
 
     def make_optimizer(self):
         """The config's `tf_adamw.AdamW`, with the trainer's schedule."""
@@ -198,42 +222,33 @@ class _Worker:
         _say(message if self.chief else f"[worker {self.task_id}] {message}")
 
 
-def _create_strategy(config):
-    """Sets up the devices and the strategy; checks the batch splits evenly.
+def _create_strategy(config, cpu_devices):
+    """The strategy (devices are set up already); checks the batch splits.
 
     Raises:
         config_lib.ConfigError: the global batch size is not a multiple of
             the number of replicas.
     """
-    rt = config.runtime
-    cpu_devices = runtime_lib.setup_devices(rt)
-    strategy = runtime_lib.create_strategy(rt, cpu_devices)
+    strategy = runtime_lib.create_strategy(config.runtime, cpu_devices)
     replicas = strategy.num_replicas_in_sync
     batch = config.task.data.global_batch_size
     if batch % replicas:
         raise config_lib.ConfigError(
             f"key `task.data.global_batch_size` ({batch}) must be divisible "
             f"by the number of replicas ({replicas}, "
-            f"{type(strategy).__name__}).")
+            f"{runtime_lib.strategy_name(strategy)}).")
     return strategy
-
-
-def _make_model_dir(config, worker):
-    """Creates `trainer.model_dir`; the chief writes the config there."""
-    model_dir = config.trainer.model_dir
-    tf.io.gfile.makedirs(model_dir)
-    if worker.chief:
-        with open(os.path.join(model_dir, "config.yaml"), "w",
-                  encoding="utf-8") as f:
-            f.write(config_lib.to_yaml(config))
 
 
 def _banner(config, strategy, model):
     """The run's first console line: strategy, dtype, model and batch."""
     n_params = sum(v.shape.num_elements() for v in model.params)
     k = config.task.optimizer.gradient_accumulation_steps
-    return (f"tf_adamw.train: {type(strategy).__name__} with "
-            f"{strategy.num_replicas_in_sync} replica(s), "
+    name = runtime_lib.strategy_name(strategy)
+    replicas = strategy.num_replicas_in_sync
+    where = (name if name.startswith("one device") else
+             f"{name} with {replicas} replica{'s' if replicas > 1 else ''}")
+    return (f"tf_adamw.train: {where}, "
             f"{config.runtime.mixed_precision_dtype}, model "
             f"{n_params / 1e6:.2f}M parameters, global batch "
             f"{config.task.data.global_batch_size} x "
@@ -351,6 +366,11 @@ class _MetricsLog:
         self._micro_steps = self._steps = 0
         self._started = time.time()
 
+    @property
+    def empty(self):
+        """True when no step was added since the last row."""
+        return self._steps == 0
+
     def add(self, loss_total, norm_total, steps, micro_steps):
         """Adds one loop call's sums over its `micro_steps` micro-steps."""
         self._loss += float(loss_total)
@@ -390,48 +410,71 @@ class _MetricsLog:
         self._open()
 
 
-def _run_loop(run, strategy, model, optimizer, checkpoints, start_step,
-              worker, hooks):
-    """Trains from `start_step` to `trainer.train_steps`.
+def _loop_calls(run, optimizer, train_loop, iterator, metrics, checkpoints,
+                start_step, hooks, stop):
+    """Calls `train_loop` until `trainer.train_steps` or a stop request.
+
+    Returns:
+        (the final step, the agreed stop code: `signals.NONE`, `SIGTERM` or
+        `SIGINT`).
+    """
+    tr = run.config.trainer
+    k = run.config.task.optimizer.gradient_accumulation_steps
+    step = start_step
+    while step < tr.train_steps:
+        n = min(tr.steps_per_loop - step % tr.steps_per_loop,
+                tr.train_steps - step)
+        loss_total, norm_total = train_loop(iterator, tf.constant(n * k))
+        metrics.add(loss_total, norm_total, n, n * k)
+        step = int(optimizer.iterations.numpy())
+        done = step >= tr.train_steps
+        if step % tr.log_every_n_steps == 0 or done:
+            metrics.write(step)
+        if step % tr.checkpoint_every_n_steps == 0 or done:
+            checkpoints.save(step)
+        for hook in hooks:
+            hook(step)
+        # Between two calls, never inside one. Every worker takes part, so
+        # all of them stop (and save) at the same step.
+        term, interrupt = run.any_worker((stop.code == signals.SIGTERM,
+                                          stop.code == signals.SIGINT))
+        if term or interrupt:
+            if not metrics.empty:
+                metrics.write(step)  # the steps since the last row
+            # SIGINT anywhere: every worker exits as Ctrl-C'd.
+            return step, signals.SIGINT if interrupt else signals.SIGTERM
+    return step, signals.NONE
+
+
+def _run_loop(run, model, optimizer, checkpoints, start_step, worker, hooks):
+    """Trains from `start_step` to `trainer.train_steps`, or until SIGTERM or
+    SIGINT asks to stop (see `signals`).
 
     Owns the input pipeline and the loop function: they are made here and
     released here, also when a step or a hook raises (no frame of a
     traceback keeps them).
 
     Returns:
-        (the final step, the rows logged by this call).
+        (the final step, the rows logged by this call, the name of the
+        signal that stopped the run or None). The final step is saved in
+        either case.
     """
-    config = run.config
-    tr = config.trainer
-    k = config.task.optimizer.gradient_accumulation_steps
-    iterator = _train_iterator(run, strategy, start_step)
-    train_loop = make_train_loop(strategy, model, optimizer, config,
+    iterator = _train_iterator(run, run.strategy, start_step)
+    train_loop = make_train_loop(run.strategy, model, optimizer, run.config,
                                  run.compute_dtype)
     metrics = _MetricsLog(run, worker)
-    step = start_step
     try:
-        with metrics.writer.as_default():
-            while step < tr.train_steps:
-                n = min(tr.steps_per_loop - step % tr.steps_per_loop,
-                        tr.train_steps - step)
-                loss_total, norm_total = train_loop(iterator,
-                                                    tf.constant(n * k))
-                metrics.add(loss_total, norm_total, n, n * k)
-                step = int(optimizer.iterations.numpy())
-                done = step >= tr.train_steps
-                if step % tr.log_every_n_steps == 0 or done:
-                    metrics.write(step)
-                if step % tr.checkpoint_every_n_steps == 0 or done:
-                    checkpoints.save(step)
-                for hook in hooks:
-                    hook(step)
+        with metrics.writer.as_default(), signals.StopRequest() as stop:
+            step, code = _loop_calls(run, optimizer, train_loop, iterator,
+                                     metrics, checkpoints, start_step, hooks,
+                                     stop)
         checkpoints.save_if_unsaved(step)
     finally:
         # Release the input pipeline, the function that holds it first.
         del train_loop
         del iterator
         gc.collect()
-    return step, metrics.history
+    return step, metrics.history, signals.NAMES.get(code)
 
 
 def _final_artifacts(run, checkpoint_path, say):
@@ -463,26 +506,75 @@ def _final_artifacts(run, checkpoint_path, say):
     return exports
 
 
-def train(config, hooks=()):
-    """Runs (or resumes) the training job described by `config`.
+def _latest_checkpoint(directory):
+    """(path, step) of the newest checkpoint in `directory`, or (None, None).
 
-    Args:
-        config: a validated `config.Config`.
-        hooks: callables `hook(step)` run after each loop call (after
-            logging and checkpointing); an exception stops the run there,
-            e.g. to simulate a preemption in tests.
+    The step is the number in the name (`ckpt-<step>`), which the trainer
+    writes as the optimizer's step.
+    """
+    state = tf.train.get_checkpoint_state(directory)
+    path = state.model_checkpoint_path if state else ""
+    number = path.rsplit("-", 1)[-1]
+    if not number.isdigit():
+        return None, None
+    return path, int(number)
+
+
+def _holds_step(path, step):
+    """True if the checkpoint at `path` reads back and is at `step`."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        saved = reader.get_tensor(
+            "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")
+    except (tf.errors.OpError, OSError, ValueError, IndexError,
+            RuntimeError):
+        return False  # damaged: the normal path falls back to an older one
+    return int(saved) == step
+
+
+def _exports_missing(tr):
+    if not tr.export_saved_models:
+        return False
+    export = os.path.join(tr.model_dir, "export")
+    return not all(tf.io.gfile.exists(os.path.join(export, kind,
+                                                   "saved_model.pb"))
+                   for kind in ("serving", "training"))
+
+
+def _already_complete(config, worker, checkpoint, started):
+    """The run in `model_dir` is finished: says so, trains nothing.
+
+    Writes the exports only if a previous run stopped between its final
+    checkpoint and its exports (e.g. killed while exporting).
+    """
+    tr = config.trainer
+    exports = {}
+    if worker.chief and _exports_missing(tr):
+        worker.say(f"Training is complete (step {tr.train_steps}/"
+                   f"{tr.train_steps}, {checkpoint}); writing the missing "
+                   "exports.")
+        exports = _final_artifacts(Run(config), checkpoint, worker.say)
+    else:
+        worker.say(f"Run already complete: step {tr.train_steps}/"
+                   f"{tr.train_steps} ({checkpoint}); nothing to do. Raise "
+                   "--train_steps to train further.")
+    return Result(start_step=tr.train_steps, final_step=tr.train_steps,
+                  history=[], model_dir=tr.model_dir, checkpoint=checkpoint,
+                  exports=exports, wall_seconds=time.time() - started,
+                  already_complete=True)
+
+
+def _start(config, cpu_devices, worker, saved):
+    """Strategy, config.yaml, model and optimizer, restored; says so.
 
     Returns:
-        A `Result`.
+        (run, model, optimizer, checkpoints, start step).
     """
-    started = time.time()
     tr = config.trainer
-    strategy = _create_strategy(config)
-    worker = _Worker(chief=runtime_lib.is_chief(strategy),
-                     task_id=runtime_lib.task_id(strategy))
-    _make_model_dir(config, worker)
-
-    run = Run(config)
+    strategy = _create_strategy(config, cpu_devices)
+    if worker.chief:
+        rundir.write_config(tr.model_dir, config)
+    run = Run(config, strategy)
     with strategy.scope():
         model = run.make_model()
         optimizer = run.make_optimizer()
@@ -495,21 +587,82 @@ def train(config, hooks=()):
         worker.say(f"Resumed from {restored} at step {start_step}.")
         for line in checkpoints.changed_hyperparameters():
             worker.say(line)
+        line = rundir.schedule_change(saved, config, start_step,
+                                      _learning_rate)
+        if line:
+            worker.say(line)
     if worker.chief:
         artifacts.truncate_history(_history_path(tr), start_step)
+    return run, model, optimizer, checkpoints, start_step
 
-    step, history = _run_loop(run, strategy, model, optimizer, checkpoints,
-                              start_step, worker, hooks)
 
+def _train_in(config, cpu_devices, worker, hooks, started):
+    """`train` once the model directory is locked."""
+    tr = config.trainer
+    checkpoint, checkpoint_step = _latest_checkpoint(
+        os.path.join(tr.model_dir, "checkpoints"))
+    # Before anything is written: a refused resume leaves config.yaml as
+    # it was.
+    saved = rundir.check_resume(tr.model_dir, config, checkpoint_step)
+    if checkpoint_step == tr.train_steps and _holds_step(checkpoint,
+                                                         checkpoint_step):
+        return _already_complete(config, worker, checkpoint, started)
+
+    run, model, optimizer, checkpoints, start_step = _start(
+        config, cpu_devices, worker, saved)
+    step, history, stopped_by = _run_loop(run, model, optimizer, checkpoints,
+                                          start_step, worker, hooks)
     final_checkpoint = checkpoints.path(step)
-    if worker.chief:
+    exports = {}
+    if stopped_by:
+        worker.say(f"Stopped by {stopped_by} at step {step}/{tr.train_steps}"
+                   f": saved checkpoint {final_checkpoint}. Run the same "
+                   "command again to resume.")
+    elif worker.chief:
         exports = _final_artifacts(run, final_checkpoint, worker.say)
-    else:
-        exports = {}
+    if not worker.chief:
         checkpoints.remove_scratch()
+    # Workers leave together (see wait_for_all_workers).
+    runtime_lib.wait_for_all_workers(run.any_worker)
     wall = time.time() - started
-    worker.say(f"Done: step {step}/{tr.train_steps} in {_duration(wall)} "
-               f"({wall:.1f} s).")
+    if not stopped_by:
+        worker.say(f"Done: step {step}/{tr.train_steps} in "
+                   f"{_duration(wall)} ({wall:.1f} s).")
     return Result(start_step=start_step, final_step=step, history=history,
                   model_dir=tr.model_dir, checkpoint=final_checkpoint,
-                  exports=exports, wall_seconds=wall)
+                  exports=exports, wall_seconds=wall, stopped_by=stopped_by)
+
+
+def train(config, hooks=()):
+    """Runs (or resumes) the training job described by `config`.
+
+    Holds the model directory's lock throughout (see `rundir`). SIGTERM and
+    SIGINT during the loop save a checkpoint of the current step and stop
+    (`Result.stopped_by`); a finished run returns at once
+    (`Result.already_complete`).
+
+    Args:
+        config: a validated `config.Config`.
+        hooks: callables `hook(step)` run after each loop call (after
+            logging and checkpointing); an exception stops the run there,
+            e.g. to simulate a crash in tests.
+
+    Returns:
+        A `Result`.
+
+    Raises:
+        rundir.RunDirError: another trainer holds the model directory, or
+            the run there has another model/data config.
+    """
+    started = time.time()
+    model_dir = config.trainer.model_dir
+    # Logical CPUs and TF_CONFIG first, before TensorFlow starts.
+    cpu_devices = runtime_lib.setup_devices(config.runtime)
+    chief, task_id = runtime_lib.worker_identity(config.runtime)
+    worker = _Worker(chief=chief, task_id=task_id)
+    tf.io.gfile.makedirs(model_dir)
+    with rundir.Lock(rundir.lock_path(model_dir, chief, task_id)) as lock:
+        if lock.took_over_from:
+            worker.say(f"Took over {lock.path} from pid {lock.took_over_from}"
+                       ", a trainer that ended without releasing it.")
+        return _train_in(config, cpu_devices, worker, hooks, started)

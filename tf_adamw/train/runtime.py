@@ -138,3 +138,85 @@ def task_id(strategy):
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return 0
     return int(strategy.cluster_resolver.task_id or 0)
+
+
+def worker_identity(runtime):
+    """(chief, task id) of this process, before the strategy exists.
+
+    Read from TF_CONFIG (which `setup_devices` sets from
+    runtime.worker_hosts) the way `is_chief` reads the cluster resolver:
+    the chief is task "chief", else worker 0 of a cluster without one.
+    Outside multi-worker: (True, 0).
+    """
+    if runtime.distribution_strategy != "multi_worker_mirrored":
+        return True, 0
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except ValueError:
+        return True, 0  # the strategy will say what is wrong with it
+    task = tf_config.get("task", {})
+    kind, index = task.get("type"), int(task.get("index", 0) or 0)
+    has_chief = "chief" in tf_config.get("cluster", {})
+    chief = kind in (None, "chief") or (
+        kind == "worker" and index == 0 and not has_chief)
+    return chief, index
+
+
+def strategy_name(strategy):
+    """The strategy as users know it (its public name, or the device)."""
+    # Public names: the classes' own names differ (MultiWorkerMirroredStrategy
+    # is a CollectiveAllReduceStrategy).
+    for public, name in (
+            (tf.distribute.MultiWorkerMirroredStrategy,
+             "MultiWorkerMirroredStrategy"),
+            (tf.distribute.MirroredStrategy, "MirroredStrategy"),
+            (tf.distribute.TPUStrategy, "TPUStrategy"),
+            (tf.distribute.OneDeviceStrategy, "OneDeviceStrategy")):
+        if isinstance(strategy, public):
+            return name
+    # The default strategy: TensorFlow's default device.
+    device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+    return f"one device ({device})"
+
+
+def any_worker_function(strategy):
+    """`any_worker(flags)`: for each of this worker's bools, whether it is
+    True on any worker of the job.
+
+    Outside multi-worker this process is the whole job: the flags as they
+    are. In a multi-worker job it is a collective (a sum all-reduce, in a
+    tf.function: the eager form is slow and warns): every worker must call
+    it, as often and in the same order as its other collectives, or all of
+    them wait.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return tuple
+
+    @tf.function(autograph=False)
+    def total(x):
+        # As the training loop sums its loss: per replica, then reduced.
+        per_replica = strategy.run(tf.identity, args=(x,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
+                               axis=None)
+
+    def any_worker(flags):
+        counts = total(tf.constant([float(bool(f)) for f in flags]))
+        return tuple(bool(c > 0) for c in counts.numpy())
+
+    return any_worker
+
+
+def wait_for_all_workers(any_worker):
+    """Returns when every worker of a multi-worker job has called it.
+
+    Called before a worker exits. Without it a worker that finishes first
+    exits while the chief still writes the exports; the coordination
+    service (on the chief) then misses its heartbeats and, ~10 s later,
+    logs "The following tasks are unhealthy (stopped sending heartbeats)
+    ... The tasks have crashed" about a clean exit. After this barrier (an
+    all-reduce) the workers leave together.
+
+    Args:
+        any_worker: the job's `any_worker_function(strategy)`.
+    """
+    any_worker((False,))
