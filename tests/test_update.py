@@ -496,15 +496,6 @@ def test_clip_by_global_norm_of_zero_gradients(mode):
         np.testing.assert_array_equal(g.numpy(), np.zeros_like(g.numpy()))
 
 
-@pytest.mark.xfail(strict=True, raises=(
-    TypeError, tf.errors.InvalidArgumentError), reason=(
-    "update.global_norm adds the per-tensor squared sums with tf.add_n, "
-    "which refuses mixed dtypes: AdamW(global_clipnorm=...) over float32 "
-    "and float64 variables fails in the step (traced: TypeError 'Tensors "
-    "in list passed to inputs of AddN Op have types [float32, float64]'; "
-    "eager: InvalidArgumentError from AddN), although "
-    "clip_by_global_norm casts its scale to each gradient's dtype (Keras "
-    "3.15 fails here too, at the multiply)."))
 def test_clip_global_norm_of_mixed_dtypes():
     """Gradients in different compute dtypes (a float32 and a float64
     variable) are clipped by their joint norm."""
@@ -517,7 +508,7 @@ def test_clip_global_norm_of_mixed_dtypes():
 
 
 # ---------------------------------------------------------------------------
-# all_finite and densify.
+# all_finite, densify, indices_in_range and sum_of_squares.
 
 
 def _all_finite(grads):
@@ -569,6 +560,63 @@ def test_densify_passes_dense_gradients_through(mode):
     got = update.densify(dense, (5, 2))  # a NumPy array becomes a tensor
     assert tf.is_tensor(got)
     np.testing.assert_array_equal(got.numpy(), dense)
+
+
+def _indices_in_range(indices):
+    return update.indices_in_range(indices, 5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("indices,expected", [
+    ([0, 4, 4, 2], True), ([], True), ([0, -1], False), ([5], False),
+    ([4, 2**40], False), ([-2**40], False)])
+def test_indices_in_range(mode, indices, expected):
+    """docs/semantics.md, "Before step 1": a sparse gradient's indices must
+    lie in `[0, rows)` (`densify` would drop the others)."""
+    got = in_mode(mode, _indices_in_range)(tf.constant(indices, tf.int64))
+    assert got.dtype == tf.bool and got.shape == ()
+    assert bool(got) is expected
+    if max(abs(i) for i in indices + [0]) < 2**31:
+        assert bool(in_mode(mode, _indices_in_range)(
+            tf.constant(indices, tf.int32))) is expected
+
+
+def _sum_of_squares(grads):
+    return update.sum_of_squares(grads)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sum_of_squares(mode):
+    """Every element of every tensor, squared and summed; mixed dtypes are
+    summed in the widest; squares that overflow make it infinite (the
+    finite guard, step 3, skips such a call)."""
+    got = in_mode(mode, _sum_of_squares)(
+        [tf.constant([3.0, -4.0]), tf.constant([[12.0]])])
+    assert got.dtype == tf.float32 and float(got) == 169.0
+    # 1e40 overflows float32, not float64.
+    got = in_mode(mode, _sum_of_squares)(
+        [tf.constant([3.0, 4.0]), tf.constant([1e20], tf.float64)])
+    assert got.dtype == tf.float64 and float(got) == 25.0 + 1e40
+    for bad in ([1e20, 0.0], [1e19] * 4, [np.nan, 1.0], [np.inf, 0.0]):
+        got = in_mode(mode, _sum_of_squares)(
+            [tf.constant(np.float32(bad)), tf.constant([1.0])])
+        assert not np.isfinite(float(got)), bad
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clip_by_global_norm_with_a_given_norm(mode):
+    """A norm computed before (by the guard, from the same gradients) gives
+    the very result of computing it inside, bit for bit."""
+    grads = [tf.constant(g) for g in CLIP_GRADS]
+
+    def both(grads):
+        norm = update.global_norm(grads)
+        return (update.clip(grads, ("global_clipnorm", 2.0)),
+                update.clip(grads, ("global_clipnorm", 2.0), norm))
+
+    inside, given = in_mode(mode, both)(grads)
+    for a, b in zip(inside, given):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 # ---------------------------------------------------------------------------

@@ -4,10 +4,12 @@ docs/semantics.md, "The step":
     unscale -> finite guard -> accumulate -> clip -> weight decay + Adam
     -> EMA (+ overwrite) -> count
 
-`run` calls the stages in that order. Each stage reads the options it needs
-from `Step.options`; a stage that is not in use returns at once. The
-gradients have already been summed across replicas (`tf_adamw.distribute`),
-so every replica takes the same branches. Branches on tensors are explicit
+`run` calls the stages in that order, after evaluating everything a
+write needs (the dense gradients, the step's scalars), so that a call that
+fails writes nothing. Each stage reads the options it needs from
+`Step.options`; a stage that is not in use returns at once. The gradients
+have already been summed across replicas (`tf_adamw.distribute`), so every
+replica takes the same branches. Branches on tensors are explicit
 `tf.cond`s: the step is traced without autograph.
 """
 
@@ -65,14 +67,18 @@ def run(step, grads):
     """The whole step on `grads` (aligned with the built variables, None
     where a variable has no gradient). Returns `iterations` after it (None
     when eager: the caller returns the variable, and an eager op costs
-    ~30 us)."""
+    ~30 us).
+
+    Nothing is written until every gradient and the step's scalars are
+    computed: a call that fails (a gradient check of
+    `state.checked_gradient`, a schedule's assertion) changes nothing.
+    Eagerly that is program order; in a graph every write waits for them.
+    """
+    valid = sparse_indices_valid(step, grads)
     grads = unscale(step, in_compute_dtype(step, grads))
-    if guards(step.options):
-        tf.cond(update.all_finite(list(grads.values())),
-                lambda: _done(accumulate_or_apply(step, grads)),
-                lambda: _done(count_skipped(step), value=False))
-    else:
-        accumulate_or_apply(step, grads)
+    scalars, evaluation = evaluate_scalars(step, grads)
+    with tf.control_dependencies(_before_writes(grads, evaluation)):
+        guard_and_apply(step, grads, scalars, valid)
     if tf.executing_eagerly():
         return None
     return tf.identity(step.state.iterations)
@@ -81,6 +87,64 @@ def run(step, grads):
 def _done(_, value=True):
     # A tf.cond branch must return a tensor.
     return tf.constant(value)
+
+
+def _before_writes(grads, evaluation):
+    """What every write of a traced step waits for, as one op (one control
+    edge per op that needs it, not one per gradient); `[]` when eager."""
+    if tf.executing_eagerly():
+        return []
+    return [tf.group(*grads.values(), *evaluation)]
+
+
+def sparse_indices_valid(step, grads):
+    """For a traced step of TF ops (the xla and ops kinds), a scalar bool:
+    every sparse gradient's indices are in `[0, rows)`; None for the fused
+    kernel, eagerly, or without sparse gradients.
+
+    Inside XLA the assertion of `state.checked_slices` compiles to nothing,
+    out-of-range indices are dropped when XLA scatters, and nothing can
+    raise at run time: there `guard_and_apply` skips a call with a bad
+    index instead (docs/semantics.md, "Before step 1"). Called from outside
+    XLA the assertion has raised before the step, but a trace made there is
+    reused when the same step is later called inside the user's XLA
+    function, so every traced step of TF ops carries the check. (The fused
+    kernel has no XLA lowering: its steps never run inside XLA.)
+    """
+    if tf.executing_eagerly() or step.fused:
+        return None
+    checks = [update.indices_in_range(g.indices,
+                                      step.state.variables[i].shape[0])
+              for i, g in enumerate(grads) if isinstance(g, tf.IndexedSlices)]
+    if not checks:
+        return None
+    return tf.reduce_all(tf.stack(checks))
+
+
+def evaluate_scalars(step, grads):
+    """The step's scalars for each compute dtype it updates, evaluated
+    before any write. On every call, accumulation micro-steps included
+    (which use none): they are a few scalar ops, and as `iterations` only
+    moves at the end of an applying call, their values are unchanged.
+
+    Returns:
+        `({dtype: update.step_scalars(...)}, ops)`: in a graph, `ops` are
+        the operations the evaluation created, which the writes wait for
+        (a schedule's `tf.debugging.assert_*` is an input of nothing);
+        eagerly `[]`.
+    """
+    if step.fused:
+        dtypes = [tf.float32]  # the kernel takes float32 scalars
+    else:
+        dtypes = list(dict.fromkeys(step.table.compute_dtypes[i]
+                                    for i in sorted(grads)))
+    graph = None
+    if not tf.executing_eagerly():
+        graph = tf.compat.v1.get_default_graph()
+        first = len(graph.get_operations())
+    scalars = {dtype: step.scalars(step.state.iterations, dtype)
+               for dtype in dtypes}
+    return scalars, (graph.get_operations()[first:] if graph else [])
 
 
 def in_compute_dtype(step, grads):
@@ -108,18 +172,48 @@ def unscale(step, grads):
 
 
 def count_skipped(step):
-    """Step 3's other branch: a non-finite call only counts itself."""
-    step.state.skipped_steps.assign_add(1)
+    """A skipped call only counts itself (when the guard is on)."""
+    if guards(step.options):
+        step.state.skipped_steps.assign_add(1)
 
 
-def accumulate_or_apply(step, grads):
+def guard_and_apply(step, grads, scalars, valid=None):
+    """Step 3, then steps 4-9; `valid` is `sparse_indices_valid`.
+
+    With the guard, a call is skipped when the sum of squares of its
+    gradients is not finite: a NaN or Inf, or values whose squares (or
+    their sum) overflow. Those would make `v` (which holds `g * g`) or the
+    global norm infinite, and the step NaN. The sum is also the global
+    norm's: `global_clipnorm` reuses it when it clips these very gradients
+    (without accumulation), so the guard costs no extra pass there. A call
+    that is not `valid` is skipped the same way (one conditional for both).
+    """
+    checks = [] if valid is None else [valid]
+    norm = None
+    if guards(step.options):
+        total = update.sum_of_squares([grads[i] for i in sorted(grads)])
+        checks.append(tf.math.is_finite(total))
+        rule = step.options.clip_rule()
+        if rule is not None and rule[0] == "global_clipnorm" and (
+                not accumulates(step.options)):
+            norm = tf.sqrt(total)  # update.global_norm of the same list
+    if not checks:
+        accumulate_or_apply(step, grads, scalars)
+        return
+    tf.cond(checks[0] if len(checks) == 1 else tf.logical_and(*checks),
+            lambda: _done(accumulate_or_apply(step, grads, scalars, norm)),
+            lambda: _done(count_skipped(step), value=False))
+
+
+def accumulate_or_apply(step, grads, scalars, norm=None):
     """Step 4: every k-th call applies the mean of the k gradients.
 
     The calls in between only add (a tf.cond, so those calls skip the
-    update's memory traffic).
+    update's memory traffic). `norm` is the global norm of `grads` if known
+    (without accumulation only).
     """
     if not accumulates(step.options):
-        apply_update(step, grads)
+        apply_update(step, grads, scalars, norm)
         return
     k = step.options.gradient_accumulation_steps
     accumulators = step.state.accumulators
@@ -128,7 +222,7 @@ def accumulate_or_apply(step, grads):
 
     def apply_mean():
         apply_update(step, {i: s / tf.cast(k, s.dtype)
-                            for i, s in summed.items()})
+                            for i, s in summed.items()}, scalars)
         for accumulator in accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
         count.assign(0)
@@ -143,40 +237,34 @@ def accumulate_or_apply(step, grads):
     tf.cond(tf.equal(count + 1, k), apply_mean, add)
 
 
-def apply_update(step, grads):
+def apply_update(step, grads, scalars, norm=None):
     """Steps 5-9 on the (mean) gradients `grads`: {index: tensor}."""
-    grads = clip(step, grads)
-    new_values = decay_and_adam(step, grads)
+    grads = clip(step, grads, norm)
+    new_values = decay_and_adam(step, grads, scalars)
     moving_average(step, new_values)
     step.state.iterations.assign_add(1, read_value=False)  # step 9
 
 
-def clip(step, grads):
-    """Step 5: the clipping rule of the options, if any."""
+def clip(step, grads, norm=None):
+    """Step 5: the clipping rule of the options, if any (`norm`: the
+    global norm of `grads` if known)."""
     if not clips(step.options):
         return grads
     order = sorted(grads)
     clipped = update.clip([grads[i] for i in order],
-                          step.options.clip_rule())
+                          step.options.clip_rule(), norm)
     return dict(zip(order, clipped))
 
 
-def decay_and_adam(step, grads):
-    """Steps 6 and 7. Returns `{index: new value}` where known without a
-    read (the per-variable ops), `{}` after the kernel."""
+def decay_and_adam(step, grads, scalars):
+    """Steps 6 and 7, with `scalars` of `evaluate_scalars`. Returns
+    `{index: new value}` where known without a read (the per-variable ops),
+    `{}` after the kernel."""
     order = sorted(grads)
-    cache = {}
-
-    def scalars(dtype):
-        # Once per compute dtype and step.
-        if dtype not in cache:
-            cache[dtype] = step.scalars(step.state.iterations, dtype)
-        return cache[dtype]
-
     if step.fused:
         # Every variable in one kernel, one pass over memory
         # (tf_adamw/cc/fused_adamw.cc does `update.adamw_update`'s math).
-        s = scalars(tf.float32)
+        s = scalars[tf.float32]
         kernels.fused_apply(
             [step.state.variables[i] for i in order],
             step.slot_tables[step.state.momentums[0].device], order,
@@ -195,7 +283,7 @@ def _decay_and_adam_one(step, i, grad, scalars):
     st = step.state
     variable = st.variables[i]
     dtype = step.table.compute_dtypes[i]
-    s = scalars(dtype)
+    s = scalars[dtype]
     # Each variable is read once (every use of a tf.Variable in an op would
     # add a read) and written without reading it back.
     value, m, v, v_hat = update.adamw_update(

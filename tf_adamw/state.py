@@ -191,11 +191,12 @@ class VariableTable:
         """`grads` placed at their variables' positions (None elsewhere).
 
         Raises:
-            ValueError: an unknown variable, a gradient of the wrong shape or
-                a non-float dtype, or no gradient at all.
+            ValueError: an unknown variable, a variable listed twice, a
+                gradient of the wrong shape or a non-float dtype, or no
+                gradient at all.
         """
         indices = (range(len(variables)) if self.is_built_list(variables)
-                   else [self.index_of(v) for v in variables])
+                   else self.positions(variables))
         full = [None] * len(self.var_list)
         missing = []
         for grad, variable, i in zip(grads, variables, indices):
@@ -209,8 +210,37 @@ class VariableTable:
                 f"{[var_name(v) for v in variables]}.")
         return full, missing
 
+    def positions(self, variables):
+        """The positions of `variables` in the built list.
+
+        Raises:
+            ValueError: an unknown variable, or one listed twice (its
+                gradients would share one slot of the aligned list, and all
+                but the last would be dropped).
+        """
+        positions = [self.index_of(v) for v in variables]
+        if len(set(positions)) < len(positions):
+            seen = set()
+            for variable, i in zip(variables, positions):
+                if i in seen:
+                    raise ValueError(
+                        f"Variable {var_name(variable)!r} appears twice in "
+                        "one call: pass one gradient per variable (add its "
+                        "gradients first).")
+                seen.add(i)
+        return positions
+
     def checked_gradient(self, grad, variable, i):
-        """`grad` for variable `i`, checked for shape and dtype."""
+        """`grad` for variable `i`, checked for shape and dtype.
+
+        Shapes are checked statically. What only the values can tell is
+        checked at run time, and the gradient returned depends on the
+        check (so the step, which waits for all its gradients, writes
+        nothing when one fails): the shape of a gradient whose static shape
+        is not fully known (a function traced for unknown shapes; inside
+        XLA this is checked when compiling) and a sparse gradient's indices
+        (`checked_slices`).
+        """
         shape_tuple = getattr(grad, "_shape_tuple", None)
         if shape_tuple is not None and (
                 shape_tuple() == self.shapes[i] and grad.dtype.is_floating):
@@ -218,9 +248,11 @@ class VariableTable:
         if distribute.is_distributed(grad):
             # Per-replica gradients (from `strategy.run`) applied in a
             # cross-replica context: check each replica's component.
-            for component in grad.values:
-                self.checked_gradient(component, variable, i)
-            return grad
+            checked = [self.checked_gradient(component, variable, i)
+                       for component in grad.values]
+            if all(a is b for a, b in zip(checked, grad.values)):
+                return grad
+            return type(grad)(tuple(checked))  # e.g. PerReplica(values)
         shape = self.tf_vars[i].shape
         if isinstance(grad, tf.IndexedSlices):
             got = grad.values.shape
@@ -238,7 +270,44 @@ class VariableTable:
             raise ValueError(
                 f"The gradient of variable {var_name(variable)!r} has dtype "
                 f"{grad.dtype.name}; it must be floating point.")
+        if isinstance(grad, tf.IndexedSlices):
+            return checked_slices(grad, shape, var_name(variable))
+        if not got.is_fully_defined():
+            # Compatible is not equal: a [1, 3] gradient would broadcast
+            # onto a [2, 3] variable, a [3, 2] one fill it in flat order.
+            return tf.ensure_shape(grad, shape)
         return grad
+
+
+def checked_slices(grad, shape, name):
+    """`grad`, sparse gradient of variable `name` of `shape`, with its
+    indices checked to lie in `[0, shape[0])` before anything uses them.
+
+    `densify` would drop the others silently (XLA drops indices past the
+    end too). Eagerly the check raises at once. In a graph the returned
+    indices depend on an assertion, so the step (which waits for its
+    gradients) runs only if it passes. Inside XLA assertions are dropped:
+    there `pipeline.run` skips the call instead. Values of unknown trailing
+    shape are checked against `shape[1:]` at run time.
+    """
+    rows = shape[0]
+    if rows is None:  # `densify` needs it; a variable always has it
+        return grad
+    # Only a string as data: an Assert with tensor data becomes a
+    # conditional (a function call per step) around it.
+    check = tf.debugging.Assert(
+        update.indices_in_range(grad.indices, rows),
+        [f"The sparse gradient of variable `{name}` has an index outside "
+         f"[0, {rows})."])
+    if tf.executing_eagerly():
+        return grad  # the assertion has raised if it failed
+    values = grad.values
+    if not values.shape[1:].is_fully_defined():
+        values = tf.ensure_shape(
+            values, tf.TensorShape([None]).concatenate(shape[1:]))
+    with tf.control_dependencies([check]):
+        indices = tf.identity(grad.indices)
+    return tf.IndexedSlices(values, indices, grad.dense_shape)
 
 
 def expected_slots(table, options):

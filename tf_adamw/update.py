@@ -26,7 +26,8 @@ def densify(grad, shape):
     """Returns `grad` as a dense tensor of `shape`.
 
     `IndexedSlices` are scattered with duplicate indices summed, which is
-    exactly the dense gradient of a gather.
+    exactly the dense gradient of a gather. Indices outside `[0, shape[0])`
+    are not checked here (see `indices_in_range`).
     """
     if isinstance(grad, tf.IndexedSlices):
         return tf.math.unsorted_segment_sum(
@@ -35,9 +36,40 @@ def densify(grad, shape):
     return tf.convert_to_tensor(grad)
 
 
+def indices_in_range(indices, rows):
+    """A scalar bool: every entry of `indices` is in `[0, rows)`.
+
+    `unsorted_segment_sum` (`densify`) drops a negative index silently on
+    every device and, compiled by XLA, an index `>= rows` too: a sparse
+    gradient is checked with this first.
+
+    Args:
+        indices: an int32 or int64 tensor.
+        rows: a Python int.
+    """
+    rows = tf.constant(rows, indices.dtype)
+    return tf.reduce_all(tf.logical_and(indices >= 0, indices < rows))
+
+
+def sum_of_squares(grads):
+    """The sum of `g * g` over every element of every tensor in `grads`.
+
+    Each tensor is summed in its own dtype and the sums are added in the
+    widest of those dtypes (`tf.add_n` refuses mixed dtypes: float32 and
+    float64 variables together). Non-finite when an element is NaN or Inf
+    or when squares (or their sum) overflow: the global norm needs it
+    finite, and so does the step (`v` holds `g * g`).
+    """
+    sums = [tf.reduce_sum(tf.square(g)) for g in grads]
+    widest = max((s.dtype for s in sums), key=lambda dtype: dtype.size)
+    return tf.add_n([s if s.dtype == widest else tf.cast(s, widest)
+                     for s in sums])
+
+
 def global_norm(grads):
-    """The L2 norm of all `grads` taken together (Keras's `global_norm`)."""
-    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
+    """The L2 norm of all `grads` taken together (Keras's `global_norm`),
+    in the widest of their dtypes."""
+    return tf.sqrt(sum_of_squares(grads))
 
 
 def clip_by_norm(grad, clipnorm):
@@ -45,16 +77,23 @@ def clip_by_norm(grad, clipnorm):
     return tf.clip_by_norm(grad, clipnorm)
 
 
-def clip_by_global_norm(grads, clipnorm):
+def clip_by_global_norm(grads, clipnorm, norm=None):
     """Scales `grads` so that their global norm is at most `clipnorm`.
 
     Keras's formula: a non-finite norm turns every gradient into NaN rather
     than silently applying an unclipped step.
 
+    Args:
+        grads: list of tensors.
+        clipnorm: the largest global norm.
+        norm: `global_norm(grads)` if already computed (the finite guard
+            computes it), else None.
+
     Returns:
         `(clipped_grads, norm)`.
     """
-    norm = global_norm(grads)
+    if norm is None:
+        norm = global_norm(grads)
     clipnorm = tf.cast(clipnorm, norm.dtype)
     scale_for_finite = clipnorm * tf.minimum(1.0 / norm, 1.0 / clipnorm)
     scale = scale_for_finite + (norm - norm)
@@ -66,13 +105,15 @@ def clip_by_value(grad, clipvalue):
     return tf.clip_by_value(grad, -clipvalue, clipvalue)
 
 
-def clip(grads, rule):
+def clip(grads, rule, norm=None):
     """Clips a list of gradients by `rule` (`Options.clip_rule()`).
 
     Args:
         grads: list of dense tensors.
         rule: `("clipnorm" | "global_clipnorm" | "clipvalue", value)` or
             None (no clipping).
+        norm: `global_norm(grads)` if already computed, else None (used by
+            `global_clipnorm` only).
 
     Returns:
         The clipped list (`grads` itself when `rule` is None).
@@ -83,7 +124,7 @@ def clip(grads, rule):
     if kind == "clipnorm":
         return [clip_by_norm(g, value) for g in grads]
     if kind == "global_clipnorm":
-        return clip_by_global_norm(grads, value)[0]
+        return clip_by_global_norm(grads, value, norm)[0]
     return [clip_by_value(g, value) for g in grads]
 
 

@@ -90,7 +90,8 @@ if use_decay[i], variable -= variable * decay; then
 m += (g - m) * one_minus_beta_1; v += (g*g - v) * one_minus_beta_2;
 (AMSGrad) v_hat = max(v_hat, v); variable -= m * alpha / (sqrt(v or v_hat) +
 epsilon). Variables are float32, bfloat16 or float16 (updated in float32);
-slots and gradients are float32.
+slots and gradients are float32, and gradient i has variable i's shape. All
+inputs are checked before any value changes.
 )doc");
 
 class SlotTable : public ::tensorflow::ResourceBase {
@@ -291,6 +292,9 @@ class FusedApplyOp : public OpKernel {
     locks.reserve(mutexes.size());
     for (auto* mu : mutexes) locks.emplace_back(*mu);
 
+    // Every check runs in this loop, before the first update below: an
+    // error leaves every value as it was (`Writable` may give a buffer a
+    // private copy, of the same values).
     std::vector<Job> jobs(n);
     for (int i = 0; i < n; ++i) {
       Var* var = variables[i].get();
@@ -308,10 +312,9 @@ class FusedApplyOp : public OpKernel {
                       "; the fused step takes float32, bfloat16 or float16")));
       const int64_t size = var->tensor()->NumElements();
       const Tensor& grad = ctx->input(grads_start + i);
-      OP_REQUIRES(ctx, grad.NumElements() == size,
-                  absl::InvalidArgumentError(absl::StrCat(
-                      "gradient ", i, " has ", grad.NumElements(),
-                      " elements; its variable has ", size)));
+      // Full shapes, not just element counts: a [3,2] gradient must not
+      // update a [2,3] variable in flat order.
+      OP_REQUIRES_OK(ctx, CheckGradientShape(grad, *var->tensor(), i));
       Job& job = jobs[i];
       job.dtype = dtype;
       job.size = size;
@@ -391,6 +394,21 @@ class FusedApplyOp : public OpKernel {
     }
     *out = tensor->data();
     return absl::OkStatus();
+  }
+
+  static absl::Status CheckGradientShape(const Tensor& grad,
+                                         const Tensor& var, int i) {
+    if (grad.shape() == var.shape()) return absl::OkStatus();
+    const std::string shapes =
+        absl::StrCat("gradient ", i, " has shape ", grad.shape().DebugString(),
+                     "; its variable has shape ", var.shape().DebugString());
+    if (grad.NumElements() == var.NumElements()) {
+      return absl::InvalidArgumentError(shapes);
+    }
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gradient ", i, " has ", grad.NumElements(),
+        " elements; its variable has ", var.NumElements(), " (", shapes,
+        ")"));
   }
 
   static absl::Status WritableSlot(OpKernelContext* ctx, Var* slot,

@@ -36,7 +36,8 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
         table: a `slot_table` on the variables' device.
         slot_indices: for each variable, the position of its slots in
             `table`.
-        grads: float32 tensors, one per variable.
+        grads: float32 tensors, one per variable, of its shape (the op
+            checks full shapes, not only element counts).
         alpha, one_minus_beta_1, one_minus_beta_2, epsilon, decay: float32
             scalars as in `tf_adamw.update.adamw_update`.
         use_decay: list of bools, one per variable.
