@@ -297,6 +297,26 @@ def _candidates(manager_or_directory):
     return listed, directory
 
 
+def _restore_matching(checkpoint, prefix):
+    """Restores the intact checkpoint `prefix` if it fits `checkpoint`.
+
+    Raises:
+        ValueError: it does not fit; refused before anything is restored.
+    """
+    mismatch = _mismatch(checkpoint, prefix)
+    if mismatch:
+        raise ValueError(
+            f"Checkpoint {prefix!r} does not match the objects of "
+            f"`checkpoint`, so nothing was restored: {mismatch}")
+    status = checkpoint.restore(prefix)
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise ValueError(
+            f"Checkpoint {prefix!r} does not match the objects of "
+            f"`checkpoint`: {e}") from e
+
+
 def restore_latest_good(checkpoint, manager_or_directory):
     """Restores the newest intact checkpoint; falls back past damaged ones.
 
@@ -343,19 +363,7 @@ def restore_latest_good(checkpoint, manager_or_directory):
             warnings.warn(f"Skipping a damaged checkpoint: {problem}.",
                           RuntimeWarning, stacklevel=2)
             continue
-        mismatch = _mismatch(checkpoint, prefix)
-        if mismatch:
-            # Refused before anything is restored: nothing has changed.
-            raise ValueError(
-                f"Checkpoint {prefix!r} does not match the objects of "
-                f"`checkpoint`, so nothing was restored: {mismatch}")
-        status = checkpoint.restore(prefix)
-        try:
-            status.assert_existing_objects_matched()
-        except AssertionError as e:
-            raise ValueError(
-                f"Checkpoint {prefix!r} does not match the objects of "
-                f"`checkpoint`: {e}") from e
+        _restore_matching(checkpoint, prefix)
         return prefix
     if problems:
         raise ValueError(

@@ -48,8 +48,12 @@ class Engine:
         self.hyperparameter_values = hyperparameter_values
         self.own_hyperparameters = own_hyperparameters
         self.given = given
-        # Checkpoint key -> hyperparameters.CheckpointGuard (set by AdamW).
-        self.guards = {}
+        # Checkpoint key -> the guard standing for that hyperparameter
+        # variable in checkpoints (hyperparameters.CheckpointGuard).
+        self.guards = {
+            "_" + name: hyperparameters.CheckpointGuard(
+                name, variable, self.restore_hyperparameter)
+            for name, variable in own_hyperparameters.items()}
         self.restored_hyperparameters = {}  # name -> the checkpoint's value
         self.decay_mask = state_lib.DecayMask()
         self.runner = step_kinds.StepRunner(
@@ -69,6 +73,24 @@ class Engine:
     @property
     def iterations(self):
         return self.counters[0]
+
+    def restore_hyperparameter(self, name, variable, saved):
+        """A checkpoint's value of a hyperparameter: kept aside and, when it
+        differs from this optimizer's, named in a warning."""
+        if not tf.executing_eagerly():
+            return tf.no_op()  # TF1-style graph restores: nothing to compare
+        saved = float(saved.numpy())
+        self.restored_hyperparameters[name] = saved
+        current = self.given.get(name, float(variable.numpy()))
+        if hyperparameters.differs(saved, current):
+            saved_text = hyperparameters.as_float32_text(saved)
+            warnings.warn(
+                f"The checkpoint holds {name}={saved_text}, but this "
+                f"optimizer was configured with {name}={current!r}; it keeps "
+                f"{current!r}: hyperparameters are configuration, not state. "
+                "Call `optimizer.use_restored_hyperparameters()` to take the "
+                "checkpoint's values instead.", stacklevel=2)
+        return None
 
     def forget_hyperparameter(self, name):
         """Drops the variable the optimizer made for `name` (replaced by a

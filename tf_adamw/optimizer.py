@@ -22,6 +22,7 @@ import warnings
 
 import tensorflow as tf
 
+from tf_adamw import attributes
 from tf_adamw import engine as engine_lib
 from tf_adamw import hyperparameters
 from tf_adamw import options as options_lib
@@ -44,7 +45,7 @@ _SLOTS_IN_FUSED_STEP = (
     "optimizer with `fused=False`.")
 
 
-class AdamW(tf.Module):
+class AdamW(tf.Module, attributes.Attributes):
     """Optimizer that implements the AdamW algorithm.
 
     AdamW is Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
@@ -142,10 +143,6 @@ class AdamW(tf.Module):
         self._engine = engine_lib.Engine(
             self._options, self._counters(), self._slot_lists(),
             self._hyperparameter_values, own, given)
-        self._engine.guards = {
-            "_" + hyper: hyperparameters.CheckpointGuard(
-                hyper, variable, self._restore_hyperparameter)
-            for hyper, variable in own.items()}
         self.built = False
 
     # ------------------------------------------------------------------
@@ -168,43 +165,6 @@ class AdamW(tf.Module):
         # Empty while __init__ runs (tracking calls in before the engine).
         engine = self.__dict__.get("_engine")
         return engine.guards if engine is not None else {}
-
-    def _restore_hyperparameter(self, name, variable, saved):
-        """A checkpoint's value of a hyperparameter: kept aside and, when it
-        differs from this optimizer's, named in a warning."""
-        if not tf.executing_eagerly():
-            return tf.no_op()  # TF1-style graph restores: nothing to compare
-        saved = float(saved.numpy())
-        self._engine.restored_hyperparameters[name] = saved
-        current = self._engine.given.get(name, float(variable.numpy()))
-        if hyperparameters.differs(saved, current):
-            saved_text = hyperparameters.as_float32_text(saved)
-            warnings.warn(
-                f"The checkpoint holds {name}={saved_text}, but this "
-                f"optimizer was configured with {name}={current!r}; it keeps "
-                f"{current!r}: hyperparameters are configuration, not state. "
-                "Call `optimizer.use_restored_hyperparameters()` to take the "
-                "checkpoint's values instead.", stacklevel=2)
-        return None
-
-    @property
-    def restored_hyperparameters(self):
-        """`{name: value}` of the hyperparameters the last restored
-        checkpoint held (empty before any restore)."""
-        return dict(self._engine.restored_hyperparameters)
-
-    def use_restored_hyperparameters(self):
-        """Sets every hyperparameter the last restored checkpoint held to
-        its value there (e.g. a learning rate a callback lowered during the
-        run). A restore alone keeps this optimizer's own values.
-
-        Returns:
-            `{name: value}` of what was set.
-        """
-        restored = self.restored_hyperparameters
-        for name, value in restored.items():
-            self._assign_hyperparameter(name, value)
-        return restored
 
     # ------------------------------------------------------------------
     # State.
@@ -307,97 +267,6 @@ class AdamW(tf.Module):
         """
         return sum(f.experimental_get_tracing_count()
                    for f in self._engine.runner.functions.values())
-
-    # ------------------------------------------------------------------
-    # Hyperparameters.
-
-    @property
-    def learning_rate(self):
-        """The current learning rate.
-
-        The variable when the learning rate is a number; the schedule's value
-        at `iterations` for a schedule; the callable's value for a callable.
-        Setting a number assigns it (a traced step is not retraced).
-        """
-        return hyperparameters.learning_rate_at(self._learning_rate,
-                                                self._iterations)
-
-    @learning_rate.setter
-    def learning_rate(self, value):
-        if hyperparameters.is_read_each_step(value):
-            # Deleting first untracks the variable (assigning an untrackable
-            # value would keep it as a checkpoint dependency).
-            del self._learning_rate
-            self._learning_rate = value
-            # As Keras: the variable it replaces is no longer state.
-            self._engine.forget_hyperparameter("learning_rate")
-            self._engine.runner.functions.clear()  # reads a new object
-            return
-        if self._learning_rate is not self._engine.own_hyperparameters.get(
-                "learning_rate"):
-            raise TypeError(
-                "This optimizer's `learning_rate` is a LearningRateSchedule, "
-                "a callable or a variable of yours, hence it is not settable "
-                f"to a number. Received: learning_rate={value!r}")
-        self._assign_hyperparameter("learning_rate", value)
-
-    @property
-    def weight_decay(self):
-        """The weight decay rate (a float32 variable; assign to change)."""
-        return self._weight_decay
-
-    @weight_decay.setter
-    def weight_decay(self, value):
-        self._assign_hyperparameter("weight_decay", value)
-
-    @property
-    def beta_1(self):
-        """`beta_1`: a variable, or the callable/variable given."""
-        return self._beta_1
-
-    @property
-    def beta_2(self):
-        """`beta_2`: a variable, or the callable/variable given."""
-        return self._beta_2
-
-    @property
-    def epsilon(self):
-        """`epsilon`: a variable, or the callable/variable given."""
-        return self._epsilon
-
-    def _assign_hyperparameter(self, name, value):
-        value = hyperparameters.checked_float(name, value)
-        getattr(self, "_" + name).assign(value)
-        self._engine.given[name] = value
-
-    amsgrad = property(lambda self: self._options.amsgrad)
-    clipnorm = property(lambda self: self._options.clipnorm)
-    clipvalue = property(lambda self: self._options.clipvalue)
-    global_clipnorm = property(lambda self: self._options.global_clipnorm)
-    use_ema = property(lambda self: self._options.use_ema)
-    ema_momentum = property(lambda self: self._options.ema_momentum)
-    ema_overwrite_frequency = property(
-        lambda self: self._options.ema_overwrite_frequency)
-    loss_scale_factor = property(
-        lambda self: self._options.loss_scale_factor)
-    gradient_accumulation_steps = property(
-        lambda self: self._options.gradient_accumulation_steps)
-    jit_compile = property(lambda self: self._options.jit_compile)
-    skip_nonfinite_gradients = property(
-        lambda self: self._options.skip_nonfinite_gradients)
-
-    @property
-    def skipped_steps(self):
-        """Calls skipped for non-finite gradients (an int64 variable).
-
-        Raises:
-            AttributeError: without `skip_nonfinite_gradients=True`.
-        """
-        if not self._options.skip_nonfinite_gradients:
-            raise AttributeError(
-                "`skipped_steps` exists only with "
-                "`skip_nonfinite_gradients=True`.")
-        return self._skipped_steps
 
     # ------------------------------------------------------------------
     # Building.
