@@ -4,6 +4,8 @@ This class is the front: the public API, and the tracked state under the
 attribute names that are the checkpoint keys. The work is done by layers,
 each with a small surface (see the README, "Architecture"):
 
+- `tf_adamw.attributes`: the hyperparameter and option attributes (a
+  mixin of this class).
 - `tf_adamw.options`: the fixed options, validated once.
 - `tf_adamw.hyperparameters`: learning rate, weight decay, betas, epsilon.
 - `tf_adamw.engine`: the untracked half: what `build()` makes, the step's
