@@ -12,12 +12,14 @@ import contextlib
 import threading
 import warnings
 
+import numpy as np
 import tensorflow as tf
 
 from tf_adamw import checkpoints
 from tf_adamw import distribute
 from tf_adamw import hyperparameters
 from tf_adamw import pipeline
+from tf_adamw import schedules
 from tf_adamw import state as state_lib
 from tf_adamw import step_kinds
 from tf_adamw import update
@@ -186,7 +188,8 @@ class Engine:
     def choose(self):
         """The step for the call being made now (`step_kinds.choose`)."""
         return step_kinds.choose(
-            self.kernel_ready, pipeline.only_decay_and_adam(self.options),
+            self.kernel_ready,
+            pipeline.only_decay_and_adam(self.options, self.table),
             step_kinds.current_context())
 
     # ------------------------------------------------------------------
@@ -225,14 +228,39 @@ class Engine:
         if not tf.distribute.has_strategy():
             step(grads, external)
         else:
+            grads, external = self.set_overwrites_aside(grads, external,
+                                                        aggregate)
             distribute.on_every_replica(
                 self.strategy, grads, step, external, anchor=self.iterations,
                 targets=self.table.tf_vars,
                 compute_dtypes=self.table.compute_dtypes, aggregate=aggregate)
         return self.iterations
 
+    def set_overwrites_aside(self, grads, external, aggregate):
+        """Under a strategy, the values of the variables overwritten with
+        their gradient, reduced to their maximum over the replicas, move
+        from `grads` into `external[_OVERWRITES]` (the sum of step 1 is for
+        gradients). Returns `(grads, external)`."""
+        overwrites = [i for i in sorted(self.table.overwrites)
+                      if grads[i] is not None]
+        if not overwrites:
+            return grads, external
+        grads = list(grads)
+        values = {}
+        for i in overwrites:
+            values[i] = _replica_maximum(
+                grads[i], self.table.tf_vars[i].shape,
+                self.table.compute_dtypes[i], aggregate)
+            grads[i] = None
+        return grads, dict(external, **{_OVERWRITES: values})
+
     def replica_step(self, grads, external, fused):
         """One replica's step (`pipeline.run`) against its own copies."""
+        if _OVERWRITES in external:
+            external = dict(external)
+            grads = list(grads)
+            for i, value in external.pop(_OVERWRITES).items():
+                grads[i] = value
         return pipeline.run(pipeline.Step(
             options=self.options, table=self.table, state=self.local_state(),
             fused=fused, slot_tables=self.slot_tables,
@@ -263,6 +291,8 @@ class Engine:
         """Writes the EMA averages of variables `indices` into them, on every
         replica's copy (`finalize_variable_values`)."""
         averages = self.slot_lists["average"]
+        # An overwritten variable has no average (`average_of`).
+        indices = [i for i in indices if i not in self.table.overwrites]
 
         def overwrite_on_this_replica(*_):
             state_lib.write_averages(
@@ -278,3 +308,134 @@ class Engine:
         with self.strategy.scope():
             self.strategy.extended.update(self.iterations,
                                           overwrite_on_this_replica)
+
+    def average_of(self, variable):
+        """The EMA average of `variable`; for a variable overwritten with
+        its gradient (never averaged, as in Keras), the variable itself."""
+        i = self.index_of(variable)
+        if i in self.table.overwrites:
+            return self.table.tf_vars[i]
+        return self.slot_lists["average"][i]
+
+    # ------------------------------------------------------------------
+    # Copies: pickle and copy.deepcopy (`AdamW.__reduce__`,
+    # `AdamW.__deepcopy__`), made by `rebuild`.
+
+    def copy_payload(self, for_pickle):
+        """What a copy of the optimizer is made from (`rebuild`): its
+        arguments, exclusions and restored hyperparameters; when built, its
+        variables (the objects: pickle and deepcopy copy them, once per
+        memo) and its state's values.
+
+        Raises:
+            ValueError: (`for_pickle`) a plain callable hyperparameter, or
+                an optimizer built under a strategy.
+        """
+        if for_pickle and self.distributed:
+            raise ValueError(
+                "An optimizer built under "
+                f"{type(self.strategy).__name__} cannot be pickled: its "
+                "variables are distributed values, which TensorFlow does "
+                "not pickle. Save it with `tf.train.Checkpoint`, or copy it "
+                "with `copy.deepcopy`.")
+        payload = {
+            "arguments": self.copy_arguments(for_pickle),
+            "exclusions": (list(self.decay_mask.var_list),
+                           list(self.decay_mask.var_names)),
+            "restored": dict(self.restored_hyperparameters),
+            "var_list": None, "state": None}
+        if self.table is not None:
+            payload["var_list"] = list(self.table.var_list)
+            payload["state"] = {
+                "counters": [None if c is None else np.array(c.numpy())
+                             for c in self.counters],
+                "slots": {kind: [np.array(v.numpy()) for v in slots]
+                          for kind, slots in self.slot_lists.items()}}
+        return payload
+
+    def copy_arguments(self, for_pickle):
+        """The constructor arguments of a copy: the options, and each
+        hyperparameter as the number it holds now (the optimizer's own
+        variables), else the schedule, variable or callable itself.
+
+        Raises:
+            ValueError: (`for_pickle`) a plain callable hyperparameter.
+        """
+        arguments = dict(self.options.to_config(), name=self.options.name)
+        for name, value in self.hyperparameter_values().items():
+            if value is self.own_hyperparameters.get(name):
+                value = hyperparameters.config_value(name, value,
+                                                     self.given.get(name))
+            elif for_pickle and not (schedules.is_schedule(value)
+                                     or isinstance(value, tf.Variable)):
+                raise ValueError(
+                    f"This optimizer cannot be pickled: argument `{name}` "
+                    f"is a plain Python callable ({value!r}), and a pickle, "
+                    "like a config, carries no code. Use a number, a "
+                    "variable or, for the learning rate, a "
+                    "LearningRateSchedule (`copy.deepcopy` shares the "
+                    "callable).")
+            arguments[name] = value
+        return arguments
+
+    def copy_scope(self):
+        """The scope a copy is made in: that of the strategy of `build()`
+        (or of creation, when not built), unless a strategy's scope is
+        entered already."""
+        strategy = self.init_strategy if self.table is None else self.strategy
+        if tf.distribute.has_strategy() or (
+                strategy is tf.distribute.get_strategy()):
+            return contextlib.nullcontext()
+        return strategy.scope()
+
+    def load_state(self, state):
+        """Assigns `copy_payload`'s state values (every replica's copy)."""
+        for counter, value in zip(self.counters, state["counters"]):
+            if counter is not None:
+                counter.assign(value)
+        for kind, values in state["slots"].items():
+            for slot, value in zip(self.slot_lists[kind], values):
+                slot.assign(value)
+
+
+# The key of the overwritten variables' values in a distributed step's
+# `external` (`Engine.set_overwrites_aside`).
+_OVERWRITES = "overwrite_with_gradient"
+
+
+def _replica_maximum(value, shape, dtype, aggregate):
+    """An overwritten variable's value for the step of every replica: dense,
+    in `dtype`, and its maximum over the replicas (as Keras takes the
+    maximum over accumulated micro-steps), unless `aggregate` is False in a
+    replica context (the caller reduced)."""
+    def dense(v):
+        return tf.cast(update.densify(v, shape), dtype)
+
+    if tf.distribute.in_cross_replica_context():
+        if not distribute.is_distributed(value):
+            return dense(value)  # the global value
+        return tf.reduce_max(tf.stack([dense(v) for v in value.values]),
+                             axis=0)
+    value = dense(value)
+    if not aggregate:
+        return value
+    gathered = tf.distribute.get_replica_context().all_gather(
+        tf.expand_dims(value, 0), axis=0)
+    return tf.reduce_max(gathered, axis=0)
+
+
+def rebuild(cls, payload):
+    """The optimizer of class `cls` that `Engine.copy_payload` describes:
+    made, given its exclusions, and when built, built on the payload's
+    variables with the state's values (unpickling and deepcopy call it)."""
+    optimizer = cls(**payload["arguments"])
+    var_list, var_names = payload["exclusions"]
+    if var_list or var_names:
+        optimizer.exclude_from_weight_decay(var_list or None,
+                                            var_names or None)
+    engine = optimizer._engine  # pylint: disable=protected-access
+    engine.restored_hyperparameters.update(payload["restored"])
+    if payload["var_list"] is not None:
+        optimizer.build(payload["var_list"])
+        engine.load_state(payload["state"])
+    return optimizer

@@ -19,6 +19,7 @@ each with a small surface (see the README, "Architecture"):
 - `tf_adamw.distribute`: the cross-replica sum and the per-replica run.
 """
 
+import copy
 import re
 import warnings
 
@@ -169,6 +170,30 @@ class AdamW(tf.Module, attributes.Attributes):
         return engine.guards if engine is not None else {}
 
     # ------------------------------------------------------------------
+    # Copies: the arguments, exclusions and, once built, the state and the
+    # variables (docs/semantics.md, "Copies"; `engine.Engine.copy_payload`).
+
+    def __reduce__(self):
+        """Pickles the optimizer (its variables' values included).
+
+        Raises:
+            ValueError: a plain callable hyperparameter, or an optimizer
+                built under a `tf.distribute` strategy.
+        """
+        return engine_lib.rebuild, (
+            type(self), self._engine.copy_payload(for_pickle=True))
+
+    def __deepcopy__(self, memo):
+        """A copy built on deep copies of the variables (`memo`'s, when the
+        model is copied in the same call), under the same strategy."""
+        with self._engine.copy_scope():
+            payload = copy.deepcopy(
+                self._engine.copy_payload(for_pickle=False), memo)
+            copied = engine_lib.rebuild(type(self), payload)
+        memo[id(self)] = copied
+        return copied
+
+    # ------------------------------------------------------------------
     # State.
 
     @property
@@ -227,7 +252,8 @@ class AdamW(tf.Module, attributes.Attributes):
         return self._slots(i)
 
     def moving_averages(self, var_list=None):
-        """The EMA averages of `var_list` (default: all built variables).
+        """The EMA averages of `var_list` (default: all built variables);
+        a variable overwritten with its gradient is its own "average".
 
         Raises:
             ValueError: `use_ema` is False, or an unknown variable.
@@ -237,7 +263,7 @@ class AdamW(tf.Module, attributes.Attributes):
                 "`moving_averages()` needs an optimizer created with "
                 "`use_ema=True`: this one keeps no moving averages.")
         variables = self.var_list if var_list is None else var_list
-        return [self._averages[self._engine.index_of(v)] for v in variables]
+        return [self._engine.average_of(v) for v in variables]
 
     def _slot_lists(self):
         return {kind: getattr(self, attribute)

@@ -1,8 +1,9 @@
 """One replica's step, one function per stage, in the fixed order of
 docs/semantics.md, "The step":
 
-    unscale -> finite guard -> accumulate -> clip -> weight decay + Adam
-    -> EMA (+ overwrite) -> count
+    unscale -> finite guard -> accumulate -> (overwrite with gradient)
+    -> clip -> weight decay + Adam -> EMA (+ overwrite) -> constraints
+    -> count
 
 `run` calls the stages in that order, after evaluating everything a
 write needs (the dense gradients, the step's scalars), so that a call that
@@ -11,6 +12,11 @@ fails writes nothing. Each stage reads the options it needs from
 have already been summed across replicas (`tf_adamw.distribute`), so every
 replica takes the same branches. Branches on tensors are explicit
 `tf.cond`s: the step is traced without autograph.
+
+The gradients of variables marked `overwrite_with_gradient` (positions
+`table.overwrites`) are values to write, not gradients: they flow through
+the same dictionaries, and each stage that transforms gradients leaves
+them out (`_regular`).
 """
 
 import typing
@@ -58,9 +64,21 @@ def averages(options):
 OPTIONAL_STAGES = (unscales, guards, accumulates, clips, averages)
 
 
-def only_decay_and_adam(options):
-    """True when the step's only per-variable work is weight decay + Adam."""
+def only_decay_and_adam(options, table=None):
+    """True when the step's only per-variable work is weight decay + Adam
+    (no optional stage, and, given the built `table`, no constraint and no
+    variable overwritten with its gradient)."""
+    if table is not None and (table.constrained or table.overwrites):
+        return False
     return not any(in_use(options) for in_use in OPTIONAL_STAGES)
+
+
+def _regular(step, grads):
+    """`grads` without the values of overwritten variables (`grads` itself
+    when there are none)."""
+    if not step.table.overwrites:
+        return grads
+    return {i: g for i, g in grads.items() if i not in step.table.overwrites}
 
 
 def run(step, grads):
@@ -137,7 +155,7 @@ def evaluate_scalars(step, grads):
         dtypes = [tf.float32]  # the kernel takes float32 scalars
     else:
         dtypes = list(dict.fromkeys(step.table.compute_dtypes[i]
-                                    for i in sorted(grads)))
+                                    for i in sorted(_regular(step, grads))))
     graph = None
     if not tf.executing_eagerly():
         graph = tf.compat.v1.get_default_graph()
@@ -164,11 +182,14 @@ def in_compute_dtype(step, grads):
 
 
 def unscale(step, grads):
-    """Step 2: divides by `loss_scale_factor`."""
+    """Step 2: divides by `loss_scale_factor` (not the values of
+    overwritten variables, as in Keras)."""
     if not unscales(step.options):
         return grads
     factor = step.options.loss_scale_factor
-    return {i: g / tf.cast(factor, g.dtype) for i, g in grads.items()}
+    overwrites = step.table.overwrites
+    return {i: g if i in overwrites else g / tf.cast(factor, g.dtype)
+            for i, g in grads.items()}
 
 
 def count_skipped(step):
@@ -178,7 +199,7 @@ def count_skipped(step):
 
 
 def guard_and_apply(step, grads, scalars, valid=None):
-    """Step 3, then steps 4-9; `valid` is `sparse_indices_valid`.
+    """Step 3, then steps 4-10; `valid` is `sparse_indices_valid`.
 
     With the guard, a call is skipped when the sum of squares of its
     gradients is not finite: a NaN or Inf, or values whose squares (or
@@ -190,8 +211,9 @@ def guard_and_apply(step, grads, scalars, valid=None):
     """
     checks = [] if valid is None else [valid]
     norm = None
-    if guards(step.options):
-        total = update.sum_of_squares([grads[i] for i in sorted(grads)])
+    regular = _regular(step, grads)
+    if guards(step.options) and regular:
+        total = update.sum_of_squares([regular[i] for i in sorted(regular)])
         checks.append(tf.math.is_finite(total))
         rule = step.options.clip_rule()
         if rule is not None and rule[0] == "global_clipnorm" and (
@@ -218,10 +240,15 @@ def accumulate_or_apply(step, grads, scalars, norm=None):
     k = step.options.gradient_accumulation_steps
     accumulators = step.state.accumulators
     count = step.state.accumulation_count
-    summed = {i: accumulators[i] + g for i, g in grads.items()}
+    overwrites = step.table.overwrites
+    # An overwritten variable's accumulator keeps the maximum (Keras's
+    # rule, `_overwrite_variables_directly_with_gradients`).
+    summed = {i: tf.maximum(g, accumulators[i]) if i in overwrites
+              else accumulators[i] + g for i, g in grads.items()}
 
     def apply_mean():
-        apply_update(step, {i: s / tf.cast(k, s.dtype)
+        apply_update(step, {i: s if i in overwrites
+                            else s / tf.cast(k, s.dtype)
                             for i, s in summed.items()}, scalars)
         for accumulator in accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
@@ -238,11 +265,29 @@ def accumulate_or_apply(step, grads, scalars, norm=None):
 
 
 def apply_update(step, grads, scalars, norm=None):
-    """Steps 5-9 on the (mean) gradients `grads`: {index: tensor}."""
-    grads = clip(step, grads, norm)
-    new_values = decay_and_adam(step, grads, scalars)
-    moving_average(step, new_values)
-    step.state.iterations.assign_add(1, read_value=False)  # step 9
+    """Steps 5-10 on the (mean) gradients `grads`: {index: tensor}.
+
+    The overwritten variables are set first; the other stages run when
+    some other variable has a gradient (as in Keras).
+    """
+    grads = overwrite_with_gradient(step, grads)
+    if grads:
+        grads = clip(step, grads, norm)
+        new_values = decay_and_adam(step, grads, scalars)
+        moving_average(step, new_values)
+        constrain(step, grads)
+    step.state.iterations.assign_add(1, read_value=False)  # step 10
+
+
+def overwrite_with_gradient(step, grads):
+    """Sets each overwritten variable to its value in `grads` (with
+    accumulation: the maximum over the micro-steps); returns the others."""
+    if not step.table.overwrites:
+        return grads
+    for i in sorted(step.table.overwrites.intersection(grads)):
+        variable = step.state.variables[i]
+        variable.assign(tf.cast(grads[i], variable.dtype), read_value=False)
+    return _regular(step, grads)
 
 
 def clip(step, grads, norm=None):
@@ -314,7 +359,10 @@ def moving_average(step, new_values):
         return
     st, options = step.state, step.options
     first = tf.equal(st.iterations, 0)
+    overwrites = step.table.overwrites
     for i, variable in enumerate(st.variables):
+        if i in overwrites:
+            continue  # not averaged (Keras keeps no average for it)
         current = new_values[i] if i in new_values else variable.read_value()
         average = st.averages[i]
         average.assign(update.ema_update(
@@ -323,7 +371,21 @@ def moving_average(step, new_values):
     if options.ema_overwrite_frequency:
         due = tf.equal(
             (st.iterations + 1) % options.ema_overwrite_frequency, 0)
+        kept = [i for i in range(len(st.variables)) if i not in overwrites]
         tf.cond(due,
-                lambda: _done(state_lib.write_averages(st.variables,
-                                                       st.averages)),
+                lambda: _done(state_lib.write_averages(
+                    [st.variables[i] for i in kept],
+                    [st.averages[i] for i in kept])),
                 lambda: tf.constant(False))
+
+
+def constrain(step, grads):
+    """Step 9: each variable updated here that has a constraint is set to
+    its projection, `constraint(value)` (after the EMA, as in Keras's
+    `apply`), on this replica's copy."""
+    for i in step.table.constrained:
+        if i in grads:
+            variable = step.state.variables[i]
+            projected = step.table.constraints[i](variable.read_value())
+            variable.assign(tf.cast(projected, variable.dtype),
+                            read_value=False)

@@ -7,8 +7,9 @@ describes it:
 - `counter`: the optimizer's own counters (hyperparameters:
   `tf_adamw.hyperparameters`).
 - `VariableTable`: the model variables an optimizer was built with, with
-  what the step needs per variable (decay or not, compute dtype, shape), and
-  the checks that align a call's gradients with them.
+  what the step needs per variable (decay or not, compute dtype, shape,
+  constraint, overwritten with its gradient or not), and the checks that
+  align a call's gradients with them.
 - `DecayMask`: which variables are excluded from weight decay.
 - `create_slots`: the per-variable slots, named as Keras names them.
 - `StepState`: one replica's copies of everything a step reads or writes.
@@ -101,11 +102,17 @@ def counter(prefix, name):
 
 
 class DecayMask:
-    """Which variables weight decay skips: by variable, or by name pattern."""
+    """Which variables weight decay skips: by variable, or by name pattern.
+
+    Keeps the arguments it was given (`var_list`, `var_names`): a copy of
+    the optimizer (pickle, `copy.deepcopy`) carries them.
+    """
 
     def __init__(self, var_list=None, var_names=None):
         self._pattern = options_lib.check_patterns(var_names)
-        self._keys = {var_key(v) for v in var_list or []}
+        self.var_list = list(var_list or [])
+        self.var_names = list(var_names or [])
+        self._keys = {var_key(v) for v in self.var_list}
 
     def decays(self, variable):
         """True when weight decay applies to `variable`."""
@@ -147,6 +154,21 @@ class VariableTable:
                     "`var_list`.")
             self.index[key] = i
         self.use_decay = [decay_mask.decays(v) for v in self.var_list]
+        # The positions of the variables set to their gradient instead of
+        # stepped (Keras's float8 layers mark them; docs/semantics.md,
+        # "Variables overwritten with their gradient").
+        self.overwrites = frozenset(
+            i for i, v in enumerate(self.var_list)
+            if getattr(v, "overwrite_with_gradient", False))
+        # The projection that ends each applied update (step 9), read here
+        # once: a Keras variable's `constraint`, or a tf.Variable's (tf_keras
+        # layers set it); None where there is none and for an overwritten
+        # variable (Keras skips those).
+        self.constraints = [
+            None if i in self.overwrites else getattr(v, "constraint", None)
+            for i, v in enumerate(self.var_list)]
+        self.constrained = [i for i, c in enumerate(self.constraints)
+                            if c is not None]
         self.compute_dtypes = [update.compute_dtype(v.dtype)
                                for v in self.tf_vars]
         # Shape tuples (None if not fully known), compared in bulk per call.

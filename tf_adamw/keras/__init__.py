@@ -18,7 +18,10 @@ How it is wired (`tf_adamw/keras/optimizer.py`):
   its loss, which Keras has already divided by the number of replicas
   (`keras.src.losses.loss.scale_loss_for_distribution`), so the core sums
   them across replicas (`skip_gradients_aggregation=False`), then unscales,
-  clips and steps. Variable constraints run afterwards, as in Keras.
+  clips and steps. The core also applies the variables' constraints and
+  sets `overwrite_with_gradient` variables (float8 layers), as Keras's
+  `apply()` does (docs/semantics.md, step 9 and "Variables overwritten with
+  their gradient"): the adapter has no step logic of its own.
 - `iterations`, `learning_rate`, `weight_decay`, `variables` and
   `finalize_variable_values` (which `fit()` calls after the last epoch) read
   or write the core once it exists.
@@ -28,6 +31,12 @@ How it is wired (`tf_adamw/keras/optimizer.py`):
   A load into an unbuilt optimizer is kept and applied at `build()`.
 - The core is tracked as `core` by TF: `tf.train.Checkpoint` of the
   optimizer (or of a model holding it) saves and restores its state.
+- `pickle` and `copy.deepcopy` are Keras's (`KerasSaveable.__reduce__`:
+  the config and `variables` in Keras's saving format, loaded into an
+  unbuilt copy, which applies them at `build()` like any state loaded
+  before the build), plus the weight-decay exclusions, which Keras's config
+  does not hold. Copied with the model's variables (one `deepcopy` or
+  pickle of both), the exclusions name the copied variables.
 
 Differences forced by Keras:
 
@@ -48,8 +57,7 @@ Differences forced by Keras:
   `tf.train.Checkpoint` treats it as configuration instead.
 - With gradient accumulation the schedule is evaluated at applied updates
   (`iterations`), not at micro-steps (docs/semantics.md).
-- Variables with `overwrite_with_gradient` (float8 training) are refused at
-  `build()`; `stateless_apply` is unsupported (as in Keras's TF backend);
+- `stateless_apply` is unsupported (as in Keras's TF backend);
   `SwapEMAWeights` reads private attributes of Keras's own optimizers and
   does not work with this one.
 - `get_config()` refuses plain callables (a config carries no code);

@@ -215,19 +215,13 @@ class AdamW(keras.optimizers.Optimizer):
         """Creates the core under this optimizer's strategy and builds it.
 
         Raises:
-            ValueError: a variable with `overwrite_with_gradient`, or what
-                `tf_adamw.AdamW.build` raises (e.g. another variable list).
+            ValueError: what `tf_adamw.AdamW.build` raises (e.g. another
+                variable list).
         """
         variables = list(variables)
         if self.core is not None:
             self.core.build(variables)  # refuses a different list
             return
-        for variable in variables:
-            if getattr(variable, "overwrite_with_gradient", False):
-                raise ValueError(
-                    "tf_adamw.keras.AdamW does not support variables with "
-                    "`overwrite_with_gradient` "
-                    f"({getattr(variable, 'path', variable.name)!r}).")
         # Keras may build inside its traced train step (no strategy): the
         # core's variables and the state copied into them are made eagerly.
         with tf.init_scope(), self._strategy_scope():
@@ -307,7 +301,8 @@ class AdamW(keras.optimizers.Optimizer):
 
     def apply(self, grads, trainable_variables=None,
               skip_gradients_aggregation=False):
-        """Applies `grads` with the core's step, then the constraints.
+        """Applies `grads` with the core's step (which ends with the
+        variables' constraints, as Keras's `apply` does).
 
         Args:
             grads: one gradient per variable (None entries are skipped with
@@ -333,11 +328,6 @@ class AdamW(keras.optimizers.Optimizer):
         # batch's gradient: the core sums, then clips.
         self.core.apply(grads, trainable_variables,
                         skip_gradients_aggregation=skip_gradients_aggregation)
-        # Then, as Keras does, project the constrained variables (in a
-        # replica context each replica its own copy: they hold equal values).
-        for variable in trainable_variables:
-            if getattr(variable, "constraint", None) is not None:
-                variable.assign(variable.constraint(variable))
 
     def finalize_variable_values(self, var_list):
         """Writes the EMA averages into `var_list` (with `use_ema`; `fit()`
@@ -391,6 +381,16 @@ class AdamW(keras.optimizers.Optimizer):
                           self.name)
 
     # ------------------------------------------------------------------
+    # Pickle and copy.deepcopy.
+
+    def __reduce__(self):
+        """Keras's pickling (its saving format: the config and `variables`,
+        applied at the copy's `build()`), plus the weight-decay exclusions,
+        which Keras's config leaves out."""
+        function, arguments = super().__reduce__()
+        return _unpickled, (function, arguments, self._adapter.exclusions)
+
+    # ------------------------------------------------------------------
     # Configuration.
 
     def get_config(self):
@@ -437,3 +437,10 @@ class AdamW(keras.optimizers.Optimizer):
                 config["learning_rate"], custom_objects)
         return cls(**config)
 
+
+def _unpickled(function, arguments, exclusions):
+    """Keras's unpickling (`function(*arguments)`), then the exclusions."""
+    optimizer = function(*arguments)
+    if exclusions is not None:
+        optimizer.exclude_from_weight_decay(*exclusions)
+    return optimizer
