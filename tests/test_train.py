@@ -31,9 +31,10 @@ from tf_adamw.train import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "tpu_configs")
-TINY = ("task.model.d_model=32,task.model.num_layers=1,task.model.num_heads=2,"
-        "task.data.corpus_chars=20000,task.data.eval_corpus_chars=4000,"
-        "task.data.eval_batches=1,task.optimizer.warmup_steps=2")
+TINY = ("task.params.d_model=32,task.params.num_layers=1,"
+        "task.params.num_heads=2,task.params.corpus_chars=20000,"
+        "task.params.eval_corpus_chars=4000,task.params.eval_batches=1,"
+        "task.optimizer.warmup_steps=2")
 TPU_CONFIGS = ["tpu_v4_8_bf16", "tpu_v5e_8_bf16", "tpu_v5p_128_bf16"]
 
 
@@ -43,7 +44,9 @@ def _config(name, override, model_dir, **kwargs):
 
 
 def _assert_artifacts(model_dir, final_step):
-    """Checkpoints, TensorBoard, both SavedModels and the PNG are there."""
+    """Checkpoints, TensorBoard, both SavedModels and the PNG are there;
+    the final eval is logged and the serving export holds the weights its
+    serving_weights.json names."""
     ckpt_dir = os.path.join(model_dir, "checkpoints")
     latest = tf.train.latest_checkpoint(ckpt_dir)
     assert latest and latest.endswith(f"ckpt-{final_step}")
@@ -52,11 +55,14 @@ def _assert_artifacts(model_dir, final_step):
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(png) > 5000
-    steps = [json.loads(l)["step"] for l in open(
+    rows = [json.loads(l) for l in open(
         os.path.join(model_dir, "metrics.jsonl"))]
-    assert steps == sorted(set(steps)) and steps[-1] == final_step
+    # One training row per logged step, one eval row per evaluated step.
+    for kind in ("loss", "eval/loss"):
+        steps = [r["step"] for r in rows if kind in r]
+        assert steps == sorted(set(steps)) and steps[-1] == final_step, rows
 
-    # Serving SavedModel: tokens -> logits; its weights are the EMA averages.
+    # Serving SavedModel: tokens -> logits, with the weights it says.
     serving = tf.saved_model.load(os.path.join(model_dir, "export", "serving"))
     tokens = tf.constant(data_lib.encode("the cat sees")[None, :])
     out = serving.signatures["serving_default"](tokens=tokens)
@@ -66,8 +72,17 @@ def _assert_artifacts(model_dir, final_step):
     average = reader.get_tensor(
         "optimizer/_averages/0/.ATTRIBUTES/VARIABLE_VALUE")
     live = reader.get_tensor("model/embeddings/.ATTRIBUTES/VARIABLE_VALUE")
-    np.testing.assert_array_equal(serving.model.embeddings.numpy(), average)
     assert not np.array_equal(average, live)
+    with open(os.path.join(model_dir, "export",
+                           "serving_weights.json")) as f:
+        info = json.load(f)
+    assert info["checkpoint"] == latest
+    assert {k: info[k] for k in ("eval/loss", "eval/loss_ema")} == {
+        k: rows[-1][k] for k in ("eval/loss", "eval/loss_ema")}
+    best = ("ema" if info["eval/loss_ema"] < info["eval/loss"] else "raw")
+    assert info["weights"] == best and info["export_weights"] == "best"
+    np.testing.assert_array_equal(serving.model.embeddings.numpy(),
+                                  average if best == "ema" else live)
 
     # Training SavedModel: a new step runs and counts.
     training = tf.saved_model.load(
@@ -104,7 +119,8 @@ def test_default_config_loss_falls_and_leaves_every_artifact(tmp_path):
     assert [p.rsplit("-", 1)[1] for p in ckpts] == ["25", "50", "75"]
     _assert_artifacts(str(tmp_path), 75)
     assert result.exports["eval_loss"] < 2.3
-    assert result.exports["sample"].startswith("the ")
+    assert [row["step"] for row in result.evals] == [75]
+    assert result.exports["summary"].startswith("Sample (greedy): 'the ")
 
 
 @pytest.mark.slow
@@ -254,13 +270,14 @@ def test_a_resume_keeps_the_model_and_data_config(tmp_path, capsys):
     path = os.path.join(tmp_path, "config.yaml")
     with open(path, "rb") as f:
         saved = f.read()
-    changed = (SHORT + ",trainer.train_steps=10,task.model.d_model=64,"
-               "task.data.seq_len=32,runtime.mixed_precision_dtype=bfloat16")
+    changed = (SHORT + ",trainer.train_steps=10,task.params.d_model=64,"
+               "task.params.seq_len=32,runtime.mixed_precision_dtype=bfloat16")
     with pytest.raises(rundir.RunDirError) as e:
         loop.train(_config("cpu_local", changed, tmp_path))
     message = str(e.value)
     assert "\n" not in message
-    for text in ("task.model.d_model 32 -> 64", "task.data.seq_len 64 -> 32",
+    for text in ("task.params.d_model 32 -> 64",
+                 "task.params.seq_len 64 -> 32",
                  "runtime.mixed_precision_dtype 'float32' -> 'bfloat16'"):
         assert text in message
     assert "train_steps" not in message  # trainer keys may change
@@ -362,7 +379,9 @@ _NOISE = ("WARNING: All log messages before absl", "I0000 ", "W0000 ",
 
 @pytest.mark.multiprocess
 def test_sigterm_mid_run_saves_and_the_resume_is_bit_identical(tmp_path):
-    override = SHORT + ",trainer.checkpoint_every_n_steps=20"
+    # Evaluating every call (raw and EMA weights) must not change a bit.
+    override = (SHORT + ",trainer.checkpoint_every_n_steps=20,"
+                "trainer.eval_every_n_steps=5")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tf_adamw.train",
          "--config_file=tpu_configs/cpu_local.yaml",

@@ -1,5 +1,6 @@
 """tpu_configs/*.yaml and the trainer's config loader (no training here)."""
 
+import dataclasses
 import glob
 import os
 import subprocess
@@ -12,8 +13,9 @@ from tf_adamw.train import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "tpu_configs")
 CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
-REQUIRED = ["cpu_local", "cpu_mirrored_4", "multiworker_local_2",
-            "tpu_v4_8_bf16", "tpu_v5e_8_bf16", "tpu_v5p_128_bf16"]
+REQUIRED = ["cpu_font_digits", "cpu_local", "cpu_mirrored_4",
+            "multiworker_local_2", "tpu_v4_8_bf16", "tpu_v5e_8_bf16",
+            "tpu_v5p_128_bf16"]
 
 
 def _write(tmp_path, text, name="bad.yaml"):
@@ -54,9 +56,14 @@ def test_tpu_configs_use_bfloat16_and_the_tpu_strategy():
 
 def test_defaults_equal_cpu_local():
     loaded = config_lib.load(os.path.join(CONFIG_DIR, "cpu_local.yaml"))
-    loaded.trainer.model_dir = ""
-    assert config_lib.to_dict(loaded) == config_lib.to_dict(
-        config_lib.Config())
+    defaults = config_lib.load([])  # the built-in task's params filled in
+    assert loaded.trainer.model_dir == os.path.join("runs", "cpu_local")
+    loaded.trainer.model_dir = defaults.trainer.model_dir
+    assert config_lib.to_dict(loaded) == config_lib.to_dict(defaults)
+    expected = config_lib.Config()
+    expected.task.params = dataclasses.asdict(config_lib.CharLMParams())
+    expected.trainer.model_dir = defaults.trainer.model_dir
+    assert config_lib.to_dict(defaults) == config_lib.to_dict(expected)
 
 
 def test_unknown_key_names_the_key_and_the_file(tmp_path):
@@ -87,7 +94,10 @@ def test_unknown_section_names_the_key_and_the_file(tmp_path):
     ("task:\n  optimizer:\n    exclude_from_weight_decay: [bias, 3]\n",
      "task.optimizer.exclude_from_weight_decay[1]"),
     ("runtime:\n  tpu: 7\n", "runtime.tpu"),
-    ("task:\n  model: 3\n", "task.model"),
+    ("task:\n  data: 3\n", "task.data"),
+    ("task:\n  params: [3]\n", "task.params"),
+    ("task:\n  params:\n    d_model: wide\n", "task.params.d_model"),
+    ("task:\n  params:\n    d_modl: 64\n", "task.params.d_modl"),
 ])
 def test_wrong_type_names_the_key_and_the_file(tmp_path, text, key):
     path = _write(tmp_path, text)
@@ -109,7 +119,14 @@ def test_yaml_scientific_notation_without_a_dot_is_a_number(tmp_path):
     ("runtime:\n  mixed_precision_dtype: float16\n",
      "runtime.mixed_precision_dtype"),
     ("trainer:\n  log_every_n_steps: 30\n", "trainer.log_every_n_steps"),
-    ("task:\n  model:\n    num_heads: 3\n", "task.model.num_heads"),
+    ("task:\n  params:\n    num_heads: 3\n", "task.params.num_heads"),
+    ("task:\n  params:\n    seq_len: 0\n", "task.params.seq_len"),
+    ("task:\n  name: my_tasks\n", "task.name"),
+    ("trainer:\n  eval_every_n_steps: 30\n", "trainer.eval_every_n_steps"),
+    ("trainer:\n  eval_every_n_steps: -25\n", "trainer.eval_every_n_steps"),
+    ("trainer:\n  export_weights: newest\n", "trainer.export_weights"),
+    ("task:\n  optimizer:\n    use_ema: false\ntrainer:\n"
+     "  export_weights: ema\n", "trainer.export_weights"),
     ("task:\n  optimizer:\n    beta_2: 1.0\n", "task.optimizer.beta_2"),
     ("task:\n  optimizer:\n    exclude_from_weight_decay: ['(']\n",
      "task.optimizer.exclude_from_weight_decay"),
@@ -175,7 +192,7 @@ def test_later_config_files_win(tmp_path):
     config = config_lib.load(
         [os.path.join(CONFIG_DIR, "cpu_local.yaml"), extra])
     assert config.trainer.train_steps == 1000
-    assert config.task.model.d_model == 128  # from cpu_local.yaml
+    assert config.task.params["d_model"] == 128  # from cpu_local.yaml
 
 
 @pytest.mark.parametrize("fused_kernel", [True, False])
@@ -285,7 +302,9 @@ def test_help_exits_0_lists_the_keys_and_imports_no_tensorflow():
     for text in ("--config_file", "--params_override", "--train_steps",
                  "--learning_rate", "--global_batch_size", "--verbose",
                  "trainer.train_steps (int) = 600",
-                 "task.model.d_model (int) = 128", "Exit status"):
+                 "task.params.d_model (int) = 128",
+                 "trainer.eval_every_n_steps (int) = 200",
+                 "trainer.export_weights (str) = best", "Exit status"):
         assert text in proc.stdout, text
     # As users run it: exit status 0 (absl's own --help exits 1).
     proc = subprocess.run([sys.executable, "-m", "tf_adamw.train", "-h"],
@@ -313,3 +332,43 @@ def test_config_errors_are_one_line_and_import_no_tensorflow(argv):
     assert proc.stdout.strip() == "EXIT 2 False", (proc.stdout, proc.stderr)
     assert proc.stderr.startswith("error: ConfigError: ")
     assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_task_params_merge_key_by_key_and_another_task_drops_them(tmp_path):
+    base = os.path.join(CONFIG_DIR, "cpu_local.yaml")
+    config = config_lib.load(base, "task.params.d_model=64")
+    assert config.task.params["d_model"] == 64
+    assert config.task.params["seq_len"] == 64  # from the file, kept
+    assert config.task.params["eval_batches"] == 4  # the char_lm default
+    # cpu_local.yaml's char_lm keys are not the other task's.
+    config = config_lib.load(base, "task.name=my_tasks:build,"
+                             "task.params.noise=0.2")
+    assert config.task.params == {"noise": 0.2}
+    other = _write(tmp_path, "task:\n  name: my_tasks:build\n  params:\n"
+                   "    noise: 0.3\n    layers: {a: 1}\n", "other.yaml")
+    config = config_lib.load([base, other], "task.params.layers.b=2")
+    assert config.task.params == {"noise": 0.3, "layers": {"a": 1, "b": 2}}
+    assert config.task.optimizer.learning_rate == 3e-3  # the rest is kept
+
+
+def test_char_lm_keys_at_their_old_places_say_where_they_are_now(tmp_path):
+    path = _write(tmp_path, "task:\n  model:\n    d_model: 64\n"
+                  "    num_heads: 2\n")
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.load(path)
+    assert str(e.value) == (
+        f"{path}: unknown key `task.model`: the char_lm task's keys moved "
+        "under `task.params` (`task.model.d_model` -> `task.params.d_model`, "
+        "`task.model.num_heads` -> `task.params.num_heads`).")
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"`task.data.seq_len` -> `task.params.seq_len`"):
+        config_lib.load([], "task.data.seq_len=32")
+
+
+def test_task_params_of_a_dataclass_are_type_checked():
+    params = config_lib.task_params(config_lib.CharLMParams,
+                                    {"d_model": 64}, {})
+    assert params.d_model == 64 and params.seq_len == 64
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"key `task.params.d_model` must be an integer"):
+        config_lib.task_params(config_lib.CharLMParams, {"d_model": "wide"})

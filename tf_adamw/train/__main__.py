@@ -1,6 +1,8 @@
 """python -m tf_adamw.train --config_file=tpu_configs/cpu_local.yaml [flags]
 
 Trains (or resumes) the run described by the config in its model directory.
+`task.name` picks what is trained: the built-in char_lm, or your own model
+and data as `package.module:callable` (the protocol: tf_adamw/train/task.py).
 
 Precedence, lowest first: the config keys' defaults, the --config_file files
 (later files win), --params_override, then the plain flags (--model_dir,

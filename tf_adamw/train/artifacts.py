@@ -1,191 +1,178 @@
-"""What a finished run leaves behind: SavedModels, evaluation, loss curve.
+"""What a finished run leaves behind: SavedModels, metrics, loss curve.
 
 The SavedModels are written from a *single-device* copy of the run: the model
 and the optimizer are rebuilt on the default strategy (on the CPU) and the
 final checkpoint is read into them. A SavedModel's `train_step` cannot wrap
 `strategy.run`, and the checkpoint restores across replica counts, so this
 works the same after a one-device, mirrored, multi-worker or TPU run.
+
+The serving export holds the raw or the EMA weights, as
+`trainer.export_weights` and the final eval losses decide
+(`evaluation.choose_weights`); `export/serving_weights.json` records which.
 """
 
 import json
 import os
 import sys
-import tempfile
 
-import numpy as np
 import tensorflow as tf
 
 import tf_adamw
-from tf_adamw.train import data as data_lib
-from tf_adamw.train import model as model_lib
+from tf_adamw.train import evaluation
+from tf_adamw.train import task as task_lib
+
+# Written last: its presence means both SavedModels are complete.
+WEIGHTS_FILE = "serving_weights.json"
 
 
-VOCABULARY_FILE = "vocab.txt"
+def _any_batch(spec):
+    """`spec` (a nested structure of TensorSpecs) with any batch size."""
+    def relax(s):
+        if not isinstance(s, tf.TensorSpec) or s.shape.rank is None:
+            return s
+        return tf.TensorSpec([None] + s.shape.as_list()[1:], s.dtype,
+                             name=s.name)
+
+    return tf.nest.map_structure(relax, spec)
 
 
-def write_vocabulary(path):
-    """The char LM's vocabulary: line i holds token id i as a JSON string.
-
-    JSON, because one token is the newline (written `"\\n"`); the ids past
-    the alphabet, padding for TPU-friendly shapes, are `""` (no text).
-    """
-    tokens = list(data_lib.ALPHABET) + [""] * (
-        data_lib.VOCAB_SIZE - len(data_lib.ALPHABET))
-    lines = [json.dumps(token) for token in tokens]
-    for token in tokens:
-        # `ServingModule.vocabulary` undoes only the quotes and `\n`.
-        if json.dumps(token)[1:-1].replace("\\n", "\n") != token:
-            raise ValueError(f"token {token!r} needs another JSON escape")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-class ServingModule(tf.Module):
-    """What the serving SavedModel holds for a client.
-
-    - `serve` (the `serving_default` signature): `tokens`, int32 ids of
-      shape [batch, length] with 1 <= length <= `max_sequence_length`, to
-      `logits` [batch, length, vocab] and the greedy `next_token` [batch].
-      A longer input is an InvalidArgumentError saying the maximum.
-    - `vocabulary_file`: the asset `assets/vocab.txt`, line i = the token
-      of id i as a JSON string (readable without TensorFlow).
-    - `vocabulary()`: the same tokens as a string tensor (index = id).
-    - `max_sequence_length`: an int32 variable, the model's position count.
-    """
-
-    def __init__(self, model, vocabulary_path):
-        super().__init__(name="serving")
-        self.model = model
-        self.vocabulary_file = tf.saved_model.Asset(vocabulary_path)
-        self.max_sequence_length = tf.Variable(
-            model.seq_len, dtype=tf.int32, trainable=False,
-            name="max_sequence_length")
-        self._seq_len = model.seq_len
-        self._vocab_size = model.vocab_size
-
-    @tf.function(input_signature=[])
-    def vocabulary(self):
-        text = tf.strings.strip(tf.io.read_file(self.vocabulary_file))
-        lines = tf.strings.split(text, "\n")
-        lengths = tf.strings.length(lines)
-        tokens = tf.strings.substr(lines, tf.ones_like(lengths), lengths - 2)
-        return tf.strings.regex_replace(tokens, r"\\n", "\n")
-
-    def _checks(self, tokens):
-        length = tf.shape(tokens)[1]
-        return [
-            tf.debugging.assert_positive(
-                length, message="serve: `tokens` needs at least 1 position"),
-            tf.debugging.assert_less_equal(
-                length, self._seq_len, message=(
-                    f"serve: `tokens` may have at most {self._seq_len} "
-                    "positions (max_sequence_length, the model's position "
-                    f"count); pass the last {self._seq_len} ids of a longer "
-                    "text")),
-            tf.debugging.assert_non_negative(
-                tokens, message="serve: token ids must be >= 0"),
-            tf.debugging.assert_less(
-                tokens, self._vocab_size, message=(
-                    f"serve: token ids must be < {self._vocab_size} (the "
-                    "vocabulary size)")),
-        ]
-
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, None], tf.int32, name="tokens")])
-    def serve(self, tokens):
-        with tf.control_dependencies(self._checks(tokens)):
-            logits = self.model(tokens)
-        return {"logits": logits,
-                "next_token": tf.argmax(logits[:, -1], axis=-1,
-                                        output_type=tf.int32)}
+def _named(spec, name):
+    """A single TensorSpec named `name` (the serving signature's input);
+    a nested structure keeps its own names."""
+    if isinstance(spec, tf.TensorSpec):
+        return tf.TensorSpec(spec.shape, spec.dtype, name=name)
+    return spec
 
 
 class TrainingModule(tf.Module):
-    """Model, optimizer and `train_step` for a training SavedModel."""
+    """Model, optimizer and `train_step` for a training SavedModel.
 
-    def __init__(self, model, optimizer, compute_dtype, seq_len):
+    `train_step(inputs, targets)` takes a batch like the task's training
+    batches (any batch size) and applies one update with the mean of the
+    task's losses; it returns that loss and the gradients' global norm.
+    """
+
+    def __init__(self, model, optimizer, task, element_spec):
         super().__init__(name="training")
         self.model = model
         self.optimizer = optimizer
-        self._compute_dtype = compute_dtype
-        spec = tf.TensorSpec([None, seq_len], tf.int32)
+        self._loss = task.loss
+        inputs, targets = _any_batch(element_spec)
         self.train_step = tf.function(
-            self._train_step, input_signature=[spec, spec], autograph=False)
+            self._train_step, input_signature=[inputs, targets],
+            autograph=False)
 
     def _train_step(self, inputs, targets):
+        variables = list(self.model.trainable_variables)
         with tf.GradientTape() as tape:
-            loss = model_lib.token_loss_sum(
-                self.model, inputs, targets, self._compute_dtype) / tf.cast(
-                    tf.size(targets), tf.float32)
-        grads = tape.gradient(loss, self.model.params)
-        self.optimizer.apply_gradients(zip(grads, self.model.params))
+            losses = tf.cast(self._loss(
+                targets, self.model(inputs, training=True)), tf.float32)
+            loss = tf.reduce_sum(losses) / tf.cast(tf.size(losses),
+                                                   tf.float32)
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
         return {"loss": loss, "grad_norm": tf.linalg.global_norm(grads)}
 
 
-def evaluate(model, batches):
-    """Mean next-token loss (nats) of `model` on numpy `batches`."""
-    @tf.function(autograph=False)
-    def loss_sum(inputs, targets):
-        return model_lib.token_loss_sum(model, inputs, targets, tf.float32)
+class DefaultServingModule(tf.Module):
+    """The serving module of a task without `serving_module`:
+    `serve(inputs) -> {"outputs": model(inputs, training=False)}` (a dict of
+    outputs is returned as it is)."""
 
-    total = sum(float(loss_sum(x, y)) for x, y in batches)
-    count = sum(y.size for _, y in batches)
-    return total / count
+    def __init__(self, model, inputs_spec):
+        super().__init__(name="serving")
+        self.model = model
+        self.serve = tf.function(
+            self._serve, input_signature=[_named(_any_batch(inputs_spec),
+                                                 "inputs")],
+            autograph=False)
 
-
-def generate(serving, prompt, num_chars, seq_len):
-    """Greedy continuation of `prompt` with a `ServingModule` (or loaded)."""
-    ids = list(data_lib.encode(prompt))
-    for _ in range(num_chars):
-        window = np.array([ids[-seq_len:]], np.int32)
-        ids.append(int(serving.serve(tf.constant(window))["next_token"][0]))
-    return data_lib.decode(ids)
+    def _serve(self, inputs):
+        outputs = self.model(inputs, training=False)
+        return outputs if isinstance(outputs, dict) else {"outputs": outputs}
 
 
-def export(run, checkpoint_path, export_dir):
+def _serving_module(task, model, eval_spec):
+    make = task_lib.optional(task, "serving_module")
+    serving = make(model) if make else None
+    return serving if serving is not None else DefaultServingModule(
+        model, eval_spec[0])
+
+
+def _restore(run, checkpoint_path):
+    """A single-device model and optimizer holding the checkpoint."""
+    model = run.make_model()
+    optimizer = run.make_optimizer()
+    optimizer.build(run.variables(model))
+    status = tf.train.Checkpoint(model=model, optimizer=optimizer).read(
+        checkpoint_path)
+    status.assert_existing_objects_matched().expect_partial()
+    return model, optimizer
+
+
+def _summary(task, serving, optimizer, weights):
+    """The task's `export_summary` line, computed with the exported
+    weights (None if the task has none)."""
+    summarize = task_lib.optional(task, "export_summary")
+    if not summarize:
+        return None
+    if weights == "ema":
+        with tf_adamw.ema_weights(optimizer):
+            return summarize(serving)
+    return summarize(serving)
+
+
+def export(run, checkpoint_path, export_dir, losses=None):
     """Rebuilds the run on one device from `checkpoint_path`; exports both.
 
     Args:
-        run: the `loop.Run` (config, builders, eval data).
+        run: the `loop.Run` (config, task, builders).
         checkpoint_path: the final checkpoint's prefix.
         export_dir: parent directory of `serving/` and `training/`.
+        losses: the final `evaluation.Evaluator` results of this
+            checkpoint; None evaluates it here.
 
     Returns:
-        dict with eval losses (live and EMA weights), a text sample and the
-        export paths.
+        dict: "losses" (as `losses`), "eval_loss" and "eval_loss_ema" (None
+        without EMA), "weights" ("raw" or "ema": in the serving export),
+        "summary" (the task's line, or None) and the paths.
     """
     config = run.config
+    batch = config.task.data.global_batch_size
     with tf.device("/CPU:0"):
-        model = run.make_model()
-        optimizer = run.make_optimizer()
-        optimizer.build(model.params)
-        status = tf.train.Checkpoint(model=model, optimizer=optimizer).read(
-            checkpoint_path)
-        status.assert_existing_objects_matched().expect_partial()
-        results = {"eval_loss": evaluate(model, run.eval_data)}
-        if optimizer.use_ema:
-            with tf_adamw.ema_weights(optimizer):
-                results["eval_loss_ema"] = evaluate(model, run.eval_data)
+        model, optimizer = _restore(run, checkpoint_path)
+        if losses is None:
+            losses = evaluation.Evaluator(tf.distribute.get_strategy(), model,
+                                          optimizer, run.task, batch)()
+        weights = evaluation.choose_weights(config.trainer.export_weights,
+                                            losses)
+        serving = _serving_module(run.task, model,
+                                  run.task.eval_dataset(batch).element_spec)
         serving_dir = os.path.join(export_dir, "serving")
         training_dir = os.path.join(export_dir, "training")
-        with tempfile.TemporaryDirectory() as scratch:
-            # The SavedModel copies the asset into its assets/ directory.
-            vocabulary = os.path.join(scratch, VOCABULARY_FILE)
-            write_vocabulary(vocabulary)
-            serving = ServingModule(model, vocabulary)
-            tf_adamw.export_serving_model(serving_dir, serving, optimizer)
+        tf_adamw.export_serving_model(
+            serving_dir, serving, optimizer if weights == "ema" else None)
         tf_adamw.export_training_model(training_dir, TrainingModule(
-            model, optimizer, run.compute_dtype, config.task.data.seq_len))
-        if optimizer.use_ema:
-            with tf_adamw.ema_weights(optimizer):
-                results["sample"] = generate(
-                    serving, "the ", 72, config.task.data.seq_len)
-        else:
-            results["sample"] = generate(serving, "the ", 72,
-                                         config.task.data.seq_len)
-    results["serving_dir"] = serving_dir
-    results["training_dir"] = training_dir
+            model, optimizer, run.task,
+            run.task.train_dataset(batch, 0).element_spec))
+        summary = _summary(run.task, serving, optimizer, weights)
+    results = {"losses": losses, "eval_loss": losses[evaluation.LOSS],
+               "eval_loss_ema": losses.get(evaluation.LOSS_EMA),
+               "weights": weights, "summary": summary,
+               "serving_dir": serving_dir, "training_dir": training_dir,
+               "weights_file": os.path.join(export_dir, WEIGHTS_FILE)}
+    _write_json(results["weights_file"], {
+        "weights": weights, "export_weights": config.trainer.export_weights,
+        "checkpoint": checkpoint_path, **losses})
     return results
+
+
+def _write_json(path, data):
+    """Writes `data` as JSON, atomically (a reader never sees half)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(temporary, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+    tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 # ---------------------------------------------------------------------------
@@ -197,10 +184,12 @@ def _warn(message):
 
 
 def read_history(path, warn=_warn):
-    """The logged rows of `metrics.jsonl` (later rows win for a step).
+    """The logged rows of `metrics.jsonl`, one per step.
 
-    A line that is not a JSON row with a step (a write cut short by a crash
-    leaves a torn last line) is skipped, with a `warn(message)`.
+    A step's training row and its eval row (`eval/loss`, ...) are separate
+    lines: they are merged into one row (later values win). A line that is
+    not a JSON row with a step (a write cut short by a crash leaves a torn
+    last line) is skipped, with a `warn(message)`.
     """
     rows = {}
     if not os.path.exists(path):
@@ -212,7 +201,7 @@ def read_history(path, warn=_warn):
                 continue
             try:
                 row = json.loads(line)
-                rows[int(row["step"])] = row
+                rows.setdefault(int(row["step"]), {}).update(row)
             except (ValueError, TypeError, KeyError) as e:
                 warn(f"{path} line {number} is not a metrics row (a write "
                      f"cut short?): {line[:60]!r} ({type(e).__name__}); "
@@ -235,22 +224,32 @@ def append_history(path, row):
 
 
 def plot_loss_curve(history, png_path, title):
-    """Training loss (and learning rate) against step, as a PNG."""
+    """Training loss (and learning rate) against step, as a PNG, with the
+    eval losses as markers."""
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-    steps = [r["step"] for r in history]
+    train = [r for r in history if "loss" in r]
+    steps = [r["step"] for r in train]
     fig, (ax_loss, ax_lr) = plt.subplots(
         2, 1, figsize=(7, 5.5), sharex=True,
         gridspec_kw={"height_ratios": [3, 1]})
-    ax_loss.plot(steps, [r["loss"] for r in history], marker="o",
+    ax_loss.plot(steps, [r["loss"] for r in train], marker="o",
                  markersize=3, label="train loss (mean over interval)")
-    ax_loss.set_ylabel("loss (nats / char)")
+    for key, marker, label in (
+            (evaluation.LOSS, "s", "eval loss"),
+            (evaluation.LOSS_EMA, "^", "eval loss, EMA weights")):
+        rows = [r for r in history if key in r]
+        if rows:
+            ax_loss.plot([r["step"] for r in rows], [r[key] for r in rows],
+                         marker=marker, linestyle="--", label=label)
+    ax_loss.set_ylabel("loss")
     ax_loss.set_title(title)
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
-    ax_lr.plot(steps, [r["learning_rate"] for r in history], color="tab:orange")
+    ax_lr.plot(steps, [r["learning_rate"] for r in train],
+               color="tab:orange")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)

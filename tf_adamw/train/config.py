@@ -1,11 +1,16 @@
 """The trainer's configuration: schema, YAML loading, overrides, validation.
 
 A config has three sections, as in the TF Model Garden: `runtime` (where and
-how to run: strategy, devices, precision), `task` (what to learn: data, model,
-optimizer) and `trainer` (how long, how often to log and checkpoint). Every
-key has a default; a YAML file (read with `yaml.safe_load`) and then
-`--params_override` change some of them, and explicit flags such as
-`--model_dir` win over both.
+how to run: strategy, devices, precision), `task` (what to learn: the task,
+its own keys under `task.params`, the batch size, the optimizer) and `trainer`
+(how long, how often to log, evaluate and checkpoint). Every key has a
+default; a YAML file (read with `yaml.safe_load`) and then `--params_override`
+change some of them, and explicit flags such as `--model_dir` win over both.
+
+`task.params` is a free mapping: the task checks it (see `task.py`). The
+built-in `char_lm` task's keys are typed here (`CharLMParams`), so they are
+checked, with the key and its source named, before TensorFlow is imported;
+a task given by import path checks its own when the trainer builds it.
 
 Errors are `ConfigError`s naming the key (dotted) and where its value came
 from (the file, or `--params_override`): an unknown key, a wrong type, or a
@@ -13,7 +18,9 @@ value out of range, or a number that is not finite (`.nan`, `.inf`).
 
 Precedence, lowest first: the dataclass defaults, the config files (in
 order), `--params_override`, then the plain flags (`--model_dir`, `--tpu`,
-`--train_steps`, `--learning_rate`, `--global_batch_size`).
+`--train_steps`, `--learning_rate`, `--global_batch_size`). A file or
+override that names another `task.name` drops the `task.params` set before
+it (they were the other task's).
 """
 
 import dataclasses
@@ -35,9 +42,18 @@ class ConfigError(ValueError):
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("float32", "bfloat16")
+EXPORT_WEIGHTS = ("best", "ema", "raw")
 # Keys with a fixed set of values (listed by `--help`).
 CHOICES = {"runtime.distribution_strategy": STRATEGIES,
-           "runtime.mixed_precision_dtype": PRECISIONS}
+           "runtime.mixed_precision_dtype": PRECISIONS,
+           "trainer.export_weights": EXPORT_WEIGHTS}
+# The built-in tasks, by the name `task.name` may give instead of an import
+# path, and the import path each one stands for.
+BUILTIN_TASKS = {"char_lm": "tf_adamw.train.char_lm:build"}
+DEFAULT_TASK = "char_lm"
+# `package.module:callable` (the callable may be an attribute path).
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
+                          r"(\.[A-Za-z_]\w*)*")
 # The plain CLI flags that set a config key; they win over the files and
 # `--params_override`.
 FLAG_KEYS = {"train_steps": "trainer.train_steps",
@@ -69,21 +85,38 @@ class RuntimeConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    """The synthetic character corpus and the batches drawn from it."""
-    corpus_chars: int = 200_000
-    eval_corpus_chars: int = 20_000
-    seq_len: int = 64
+    """The batches the trainer draws from the task's datasets."""
+    # Examples per optimizer update (per micro-batch with accumulation),
+    # summed over every replica and worker.
     global_batch_size: int = 32
-    eval_batches: int = 4
 
 
 @dataclasses.dataclass
-class ModelConfig:
-    """The transformer language model."""
+class CharLMParams:
+    """`task.params` of the built-in char_lm task (the default).
+
+    A synthetic English-like corpus made in-process, and a small
+    decoder-only transformer on its characters.
+    """
+    seq_len: int = 64  # characters per example (and the model's positions)
+    corpus_chars: int = 200_000  # training corpus
+    eval_corpus_chars: int = 20_000  # held-out corpus
+    eval_batches: int = 4  # of min(global_batch_size, 64) sequences
     num_layers: int = 2
     d_model: int = 128
     num_heads: int = 4
     mlp_ratio: int = 4
+
+
+# The char_lm keys' places before they moved under `task.params`: an old
+# config gets an error saying where the key is now.
+MOVED_KEYS = {f"task.{section}.{name}": f"task.params.{name}"
+              for section, names in (
+                  ("data", ("corpus_chars", "eval_corpus_chars", "seq_len",
+                            "eval_batches")),
+                  ("model", ("num_layers", "d_model", "num_heads",
+                             "mlp_ratio")))
+              for name in names}
 
 
 @dataclasses.dataclass
@@ -139,24 +172,34 @@ class OptimizerConfig:
 @dataclasses.dataclass
 class TaskConfig:
     """What is learned."""
+    # A built-in task (char_lm) or a user's, as `package.module:callable`.
+    name: str = DEFAULT_TASK
+    # The task's own keys: a free mapping that the task checks.
+    params: typing.Dict[str, typing.Any] = dataclasses.field(
+        default_factory=dict)
     seed: int = 0
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = dataclasses.field(
         default_factory=OptimizerConfig)
 
 
 @dataclasses.dataclass
 class TrainerConfig:
-    """How long, and how often to log, checkpoint and export."""
+    """How long, and how often to log, evaluate, checkpoint and export."""
     train_steps: int = 600  # optimizer updates
     steps_per_loop: int = 25  # updates per tf.function call
     log_every_n_steps: int = 50  # a multiple of steps_per_loop
     checkpoint_every_n_steps: int = 200  # a multiple of steps_per_loop
+    # Held-out evaluation (raw and EMA weights) every this many steps, a
+    # multiple of steps_per_loop, and at the end; 0: only at the end.
+    eval_every_n_steps: int = 200
     max_to_keep: int = 3
     # Empty: the --model_dir flag, else runs/<config file name>.
     model_dir: str = ""
     export_saved_models: bool = True
+    # Which weights the serving export holds: best (the EMA weights only
+    # when their final eval loss is lower) | ema | raw.
+    export_weights: str = "best"
     loss_curve: bool = True
 
 
@@ -217,7 +260,34 @@ def _check_type(key, value, annotation, source):
             fail(f"a list of {item_type.__name__}")
         return [_check_type(f"{key}[{i}]", v, item_type, source)
                 for i, v in enumerate(value)]
+    if _is_mapping(annotation):
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) for k in value):
+            fail("a mapping of names to values")
+        return value
     raise TypeError(f"unsupported annotation {annotation!r}")  # a bug here
+
+
+def _is_mapping(annotation):
+    return typing.get_origin(annotation) in (dict, typing.Dict)
+
+
+def _merge_mapping(existing, data, key, source, sources):
+    """`existing` updated by `data`, key by key (nested mappings merged), so
+    an override of one `task.params` key keeps the others."""
+    merged = dict(existing)
+    for name, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            value = _merge_mapping(merged[name], value, f"{key}.{name}",
+                                   source, sources)
+        else:
+            # Every leaf's source, for the task's errors; an empty mapping
+            # has none: its own key then.
+            for leaf in flatten({name: value}, f"{key}.") or [
+                    f"{key}.{name}"]:
+                sources[leaf] = source
+        merged[name] = value
+    return merged
 
 
 def _merge(target, data, source, prefix, sources):
@@ -232,18 +302,38 @@ def _merge(target, data, source, prefix, sources):
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(
-                f"{source}: unknown key `{key}`. Known keys"
-                f"{' in `' + prefix[:-1] + '`' if prefix else ''}: {known}.")
+            _unknown_key(key, prefix, fields, value, source)
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
             if value is None:
                 continue  # an empty section in YAML
             _merge(getattr(target, name), value, source, key + ".", sources)
+        elif _is_mapping(annotation):
+            value = {} if value is None else value  # `params:` left empty
+            _check_type(key, value, annotation, source)
+            setattr(target, name, _merge_mapping(
+                getattr(target, name), value, key, source, sources))
         else:
             setattr(target, name, _check_type(key, value, annotation, source))
             sources[key] = source
+
+
+def _unknown_key(key, prefix, fields, value, source):
+    """The error for an unknown key; a char_lm key at its old place (or a
+    section of them) is told where it is now."""
+    moved = [(old, new) for old, new in MOVED_KEYS.items()
+             if old == key or (old.startswith(key + ".")
+                               and isinstance(value, dict)
+                               and old.rsplit(".", 1)[1] in value)]
+    if moved:
+        places = ", ".join(f"`{old}` -> `{new}`" for old, new in moved)
+        raise ConfigError(
+            f"{source}: unknown key `{key}`: the char_lm task's keys moved "
+            f"under `task.params` ({places}).")
+    known = ", ".join(sorted(fields))
+    raise ConfigError(
+        f"{source}: unknown key `{key}`. Known keys"
+        f"{' in `' + prefix[:-1] + '`' if prefix else ''}: {known}.")
 
 
 def _load_yaml_file(path):
@@ -347,14 +437,74 @@ def _validate(config, sources):
         raise ConfigError(f"{source}: key `{key}` {message}")
 
     _check_runtime(config.runtime, fail)
+    _check_task(config.task, sources, fail)
     _check_sizes(config, fail)
     _check_optimizer(config.task.optimizer, config.trainer, fail)
     t = config.trainer
-    for key in ("log_every_n_steps", "checkpoint_every_n_steps"):
+    for key in ("log_every_n_steps", "checkpoint_every_n_steps",
+                "eval_every_n_steps"):
         if getattr(t, key) % t.steps_per_loop:
             fail(f"trainer.{key}", f"must be a multiple of "
                  f"trainer.steps_per_loop = {t.steps_per_loop}; got "
                  f"{getattr(t, key)}.")
+    if t.export_weights not in EXPORT_WEIGHTS:
+        fail("trainer.export_weights", f"must be one of "
+             f"{', '.join(EXPORT_WEIGHTS)}; got {t.export_weights!r}.")
+    if t.export_weights == "ema" and not config.task.optimizer.use_ema:
+        fail("trainer.export_weights", "is ema, but task.optimizer.use_ema "
+             "is false: there are no EMA weights to export.")
+
+
+def _check_task(task, sources, fail):
+    """`task.name`'s form; a built-in task's `task.params`, which are
+    completed with their defaults (config.yaml then records every one)."""
+    if task.name not in BUILTIN_TASKS and not _IMPORT_PATH.fullmatch(
+            task.name):
+        fail("task.name", "must be a built-in task "
+             f"({', '.join(BUILTIN_TASKS)}) or an import path "
+             f"`package.module:callable`; got {task.name!r}.")
+    if task.name == DEFAULT_TASK:
+        params = task_params(CharLMParams, task.params, sources)
+        check_char_lm_params(params, fail)
+        task.params = dataclasses.asdict(params)
+
+
+def task_params(schema, params, sources=None, prefix="task.params"):
+    """`params` (a mapping) as the dataclass `schema`, type-checked.
+
+    For tasks whose keys are a flat dataclass of bool, int, float, str and
+    list fields: unknown keys and wrong types are errors naming the key
+    (`task.params.<name>`) and, when `sources` has it, where it was set.
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type.
+    """
+    result = schema()
+    for name, value in (params or {}).items():
+        key = f"{prefix}.{name}"
+        where = (sources or {}).get(key, "the config")
+        _merge(result, {name: value}, where, prefix + ".", {})
+    return result
+
+
+def check_char_lm_params(p, fail):
+    """The char_lm task's sizes, and how they fit together.
+
+    Args:
+        p: a `CharLMParams`.
+        fail: `fail(key, message)` raises the error.
+    """
+    key = "task.params."
+    for name, value in dataclasses.asdict(p).items():
+        if value <= 0:
+            fail(key + name, f"must be > 0; got {value!r}.")
+    for name in ("corpus_chars", "eval_corpus_chars"):
+        if getattr(p, name) < 2 * (p.seq_len + 1):
+            fail(key + name, f"must be at least 2 * (seq_len + 1) = "
+                 f"{2 * (p.seq_len + 1)}; got {getattr(p, name)}.")
+    if p.d_model % p.num_heads:
+        fail(key + "num_heads", f"must divide task.params.d_model = "
+             f"{p.d_model}; got {p.num_heads}.")
 
 
 def _check_runtime(r, fail):
@@ -383,18 +533,11 @@ def _check_runtime(r, fail):
 
 
 def _check_sizes(config, fail):
-    """Counts and sizes that must be positive, and how they fit together."""
-    t, d, m = config.trainer, config.task.data, config.task.model
+    """Counts and sizes that must be positive (or, for the eval interval,
+    not negative)."""
+    t, d = config.trainer, config.task.data
     o = config.task.optimizer
-    for key, value in (("task.data.corpus_chars", d.corpus_chars),
-                       ("task.data.eval_corpus_chars", d.eval_corpus_chars),
-                       ("task.data.seq_len", d.seq_len),
-                       ("task.data.global_batch_size", d.global_batch_size),
-                       ("task.data.eval_batches", d.eval_batches),
-                       ("task.model.num_layers", m.num_layers),
-                       ("task.model.d_model", m.d_model),
-                       ("task.model.num_heads", m.num_heads),
-                       ("task.model.mlp_ratio", m.mlp_ratio),
+    for key, value in (("task.data.global_batch_size", d.global_batch_size),
                        ("task.optimizer.learning_rate", o.learning_rate),
                        ("task.optimizer.gradient_accumulation_steps",
                         o.gradient_accumulation_steps),
@@ -406,13 +549,9 @@ def _check_sizes(config, fail):
                        ("trainer.max_to_keep", t.max_to_keep)):
         if value <= 0:
             fail(key, f"must be > 0; got {value!r}.")
-    for key in ("corpus_chars", "eval_corpus_chars"):
-        if getattr(d, key) < 2 * (d.seq_len + 1):
-            fail(f"task.data.{key}", f"must be at least 2 * (seq_len + 1) = "
-                 f"{2 * (d.seq_len + 1)}; got {getattr(d, key)}.")
-    if m.d_model % m.num_heads:
-        fail("task.model.num_heads", f"must divide task.model.d_model = "
-             f"{m.d_model}; got {m.num_heads}.")
+    if t.eval_every_n_steps < 0:
+        fail("trainer.eval_every_n_steps", "must be >= 0 (0: only at the "
+             f"end); got {t.eval_every_n_steps}.")
 
 
 # `tf_adamw.AdamW` arguments whose config key has another name.
@@ -469,6 +608,34 @@ def _apply_flags(config, flag_values, sources):
         _merge(config, data, f"--{name}", "", sources)
 
 
+def _merge_source(config, data, source, sources):
+    """Merges one file's (or the override's) data into `config`.
+
+    When it names another task, the `task.params` that earlier sources set
+    are dropped: they were another task's (e.g. cpu_local.yaml's char_lm
+    keys under `--params_override=task.name=my_tasks:build`).
+    """
+    name = config.task.name
+    _merge(config, data, source, "", sources)
+    if config.task.name == name:
+        return
+    prefix = "task.params."
+    kept = {}
+    for key, value in flatten(config.task.params, prefix).items():
+        if sources.get(key) == source:
+            kept[key] = value
+        else:
+            sources.pop(key, None)
+    params = {}
+    for key, value in kept.items():
+        *parents, leaf = key[len(prefix):].split(".")
+        node = params
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    config.task.params = params
+
+
 def load(config_files=(), params_override="", model_dir=None, tpu=None,
          flag_values=None):
     """Builds and validates a `Config`.
@@ -490,10 +657,11 @@ def load(config_files=(), params_override="", model_dir=None, tpu=None,
     config = Config()
     sources = {}
     for path in config_files:
-        _merge(config, _load_yaml_file(path), os.fspath(path), "", sources)
+        _merge_source(config, _load_yaml_file(path), os.fspath(path),
+                      sources)
     if params_override:
-        _merge(config, parse_override(params_override), "--params_override",
-               "", sources)
+        _merge_source(config, parse_override(params_override),
+                      "--params_override", sources)
     _apply_flags(config, flag_values, sources)
     if model_dir:
         config.trainer.model_dir = model_dir
@@ -540,6 +708,8 @@ def flatten(data, prefix=""):
 def _type_text(annotation):
     if typing.get_origin(annotation) in (list, typing.List):
         return f"list of {typing.get_args(annotation)[0].__name__}"
+    if _is_mapping(annotation):
+        return "mapping"
     return {bool: "bool", int: "int", float: "float", str: "str"}[annotation]
 
 
@@ -565,7 +735,15 @@ def describe_keys(target=None, prefix=""):
         line = f"  {key} ({_type_text(hints[field.name])}) = {default}"
         if key in CHOICES:
             line += f"  [{' | '.join(CHOICES[key])}]"
+        if key == "task.name":
+            names = " | ".join(BUILTIN_TASKS)
+            line += f"  [{names} | package.module:callable]"
         lines.append(line)
+        if key == "task.params":
+            lines.append(f"    checked by the task; those of {DEFAULT_TASK} "
+                         "(the default task):")
+            lines.extend("  " + line
+                         for line in describe_keys(CharLMParams(), key + "."))
     return lines
 
 

@@ -129,9 +129,21 @@ def train_dataset(corpus_ids, *, seed, global_batch_size, seq_len,
     return dataset.with_options(options)
 
 
-def eval_batches(corpus_ids, *, seed, batch_size, seq_len, num_batches):
-    """A fixed list of held-out (inputs, targets) numpy batches."""
+def eval_dataset(corpus_ids, *, seed, batch_size, seq_len, num_batches):
+    """`num_batches` held-out (inputs, targets) batches, the same each time.
+
+    Batch `i` is `window_batch(..., step=i)`: the same numbers the trainer
+    always evaluated on.
+    """
     corpus = tf.constant(corpus_ids)
-    return [tuple(t.numpy() for t in window_batch(
-        corpus, tf.constant(i, tf.int64), seed=seed, batch_size=batch_size,
-        seq_len=seq_len)) for i in range(num_batches)]
+
+    def batch(step):
+        return window_batch(corpus, step, seed=seed, batch_size=batch_size,
+                            seq_len=seq_len)
+
+    dataset = tf.data.Dataset.range(num_batches).map(batch)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    options.autotune.enabled = False  # as in train_dataset
+    return dataset.with_options(options)

@@ -1,17 +1,20 @@
 """The custom training loop.
 
-    setup_devices -> lock the model directory -> check a resume against
-    the saved config.yaml (or stop: already complete) -> strategy -> model +
-    AdamW under strategy.scope() -> restore the newest good checkpoint ->
+    build the task (`task.name`) -> setup_devices -> lock the model
+    directory -> check a resume against the saved config.yaml (or stop:
+    already complete) -> strategy -> the task's model + AdamW under
+    strategy.scope() -> restore the newest good checkpoint -> the task's
     distributed dataset from the restored step -> repeat { one tf.function
     call = steps_per_loop updates } -> log / TensorBoard / checkpoint, or
-    save and stop on SIGTERM / SIGINT -> export SavedModels, loss curve.
+    save and stop on SIGTERM / SIGINT -> evaluate (every
+    eval_every_n_steps, and at the end) -> export SavedModels, loss curve.
 
 One optimizer update is `gradient_accumulation_steps` micro-batches of
-`global_batch_size` sequences. In each micro-step every replica computes the
-gradient of its share of the loss (scaled by 1 / global batch), the replica
-function sums the gradients across replicas once (`all_reduce`), takes the
-global norm of that sum for the logs, and hands the summed gradients to
+`global_batch_size` examples. In each micro-step every replica computes the
+gradient of its share of the loss (the sum of the task's per-example losses
+scaled by 1 / (global batch x elements per example)), the replica function
+sums the gradients across replicas once (`all_reduce`), takes the global
+norm of that sum for the logs, and hands the summed gradients to
 `tf_adamw.AdamW` with `skip_gradients_aggregation=True` (so it does not sum
 them again). Nothing is all-reduced inside a `tf.cond`.
 """
@@ -31,12 +34,12 @@ import tf_adamw
 from tf_adamw import hyperparameters
 from tf_adamw.train import artifacts
 from tf_adamw.train import config as config_lib
-from tf_adamw.train import data as data_lib
-from tf_adamw.train import model as model_lib
+from tf_adamw.train import evaluation
 from tf_adamw.train import rundir
 from tf_adamw.train import runtime as runtime_lib
 from tf_adamw.train import schedule as schedule_lib
 from tf_adamw.train import signals
+from tf_adamw.train import task as task_lib
 
 
 def _scalar_summary(name, value, step):
@@ -82,6 +85,8 @@ class Result:
     stopped_by: typing.Optional[str] = None
     # True when the model directory held the finished run already.
     already_complete: bool = False
+    # Eval rows of this call: step, eval/loss (and eval/loss_ema).
+    evals: list = dataclasses.field(default_factory=list)
 
 
 def make_schedule(config):
@@ -98,33 +103,37 @@ def _learning_rate(config, step):
 
 
 class Run:
-    """A configured run: builders for the model, optimizer and data."""
+    """A configured run: its task, and builders for the model and optimizer.
 
-    def __init__(self, config, strategy=None):
+    Args:
+        config: the validated `config.Config`.
+        strategy: the run's strategy; None when built for the exports only.
+        task: the task (`task.build(config)` when None).
+    """
+
+    def __init__(self, config, strategy=None, task=None):
         self.config = config
-        self.strategy = strategy  # None: built for the exports only
+        self.strategy = strategy
         # Agreement between the workers of a multi-worker job.
         self.any_worker = (runtime_lib.any_worker_function(strategy)
                            if strategy is not None else tuple)
-        task = config.task
-        self.compute_dtype = tf.as_dtype(
-            config.runtime.mixed_precision_dtype)
-        self.corpus = data_lib.encode(data_lib.make_corpus(
-            task.data.corpus_chars, task.seed))
-        eval_corpus = data_lib.encode(data_lib.make_corpus(
-            task.data.eval_corpus_chars, task.seed + 1_000_003))
-        self.eval_data = data_lib.eval_batches(
-            eval_corpus, seed=task.seed + 7, batch_size=min(
-                task.data.global_batch_size, 64),
-            seq_len=task.data.seq_len, num_batches=task.data.eval_batches)
+        self.task = task if task is not None else task_lib.build(config)
 
     def make_model(self):
-        m = self.config.task.model
-        return model_lib.TransformerLM(
-            vocab_size=data_lib.VOCAB_SIZE, seq_len=self.config.task.data.
-            seq_len, d_model=m.d_model, num_layers=m.num_layers,
-            num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-            seed=self.config.task.seed)
+        return self.task.build_model()
+
+    def variables(self, model):
+        """The variables the optimizer trains: `model.trainable_variables`.
+
+        Raises:
+            ValueError: there are none.
+        """
+        variables = list(model.trainable_variables)
+        if not variables:
+            raise ValueError(
+                f"task {self.config.task.name!r}: build_model() returned a "
+                f"{type(model).__name__} without trainable variables.")
+        return variables
 
     def make_schedule(self):
         return make_schedule(self.config)
@@ -161,28 +170,45 @@ def _input_options(strategy):
     return None
 
 
-def make_train_loop(strategy, model, optimizer, config, compute_dtype):
+def _loss_scale(losses, global_batch_size):
+    """1 / (global batch x loss elements per example): turns a replica's sum
+    of the task's losses into its share of the global mean.
+
+    Raises:
+        ValueError: the losses are not `[batch, ...]` with static trailing
+            dimensions.
+    """
+    if losses.shape.rank in (None, 0) or not (
+            losses.shape[1:].is_fully_defined()):
+        raise ValueError(
+            "task.loss(targets, outputs) must return per-example losses of "
+            "shape [batch] or [batch, ...] with static trailing dimensions; "
+            f"got shape {losses.shape}.")
+    return 1.0 / float(global_batch_size * losses.shape[1:].num_elements())
+
+
+def make_train_loop(strategy, model, optimizer, task, global_batch_size):
     """A tf.function running `num_micro_steps` micro-steps from `iterator`.
 
     Returns (sum of the global mean losses, sum of the gradient norms) over
     the micro-steps. Written without AutoGraph (an explicit `tf.while_loop`)
     so that tracing does not convert the optimizer's Python code.
     """
-    data = config.task.data
-    scale = 1.0 / float(data.global_batch_size * data.seq_len)
-    params = model.params
+    variables = list(model.trainable_variables)
 
     def replica_step(inputs, targets):
         with tf.GradientTape() as tape:
-            loss = model_lib.token_loss_sum(
-                model, inputs, targets, compute_dtype) * scale
-        grads = tape.gradient(loss, params)
+            losses = tf.cast(task.loss(targets, model(inputs, training=True)),
+                             tf.float32)
+            loss = tf.reduce_sum(losses) * _loss_scale(losses,
+                                                       global_batch_size)
+        grads = tape.gradient(loss, variables)
         # One all-reduce of the gradients; the norm of the sum is what the
         # optimizer clips, and is identical on every replica.
         grads = tf.distribute.get_replica_context().all_reduce(
             tf.distribute.ReduceOp.SUM, grads)
         grad_norm = tf.linalg.global_norm(grads)
-        optimizer.apply_gradients(zip(grads, params),
+        optimizer.apply_gradients(zip(grads, variables),
                                   skip_gradients_aggregation=True)
         return loss, grad_norm
 
@@ -240,19 +266,24 @@ def _create_strategy(config, cpu_devices):
     return strategy
 
 
-def _banner(config, strategy, model):
+def _banner(run, model):
     """The run's first console line: strategy, dtype, model and batch."""
-    n_params = sum(v.shape.num_elements() for v in model.params)
+    config, strategy = run.config, run.strategy
+    n_params = sum(v.shape.num_elements() for v in run.variables(model))
     k = config.task.optimizer.gradient_accumulation_steps
     name = runtime_lib.strategy_name(strategy)
     replicas = strategy.num_replicas_in_sync
     where = (name if name.startswith("one device") else
              f"{name} with {replicas} replica{'s' if replicas > 1 else ''}")
+    describe = task_lib.optional(run.task, "describe_example")
+    example = describe() if describe else None
+    # Millions, as always for the char LM; a small model's exact count.
+    size = f"{n_params / 1e6:.2f}M" if n_params >= 10_000 else str(n_params)
     return (f"tf_adamw.train: {where}, "
             f"{config.runtime.mixed_precision_dtype}, model "
-            f"{n_params / 1e6:.2f}M parameters, global batch "
-            f"{config.task.data.global_batch_size} x "
-            f"{config.task.data.seq_len} chars"
+            f"{size} parameters, global batch "
+            f"{config.task.data.global_batch_size}"
+            + (f" x {example}" if example else "")
             + (f" x {k} accumulated" if k > 1 else "")
             + f", model_dir {config.trainer.model_dir}")
 
@@ -330,11 +361,9 @@ class _Checkpoints:
 def _train_iterator(run, strategy, start_step):
     """The distributed training batches, from `start_step` on."""
     task = run.config.task
-    dataset = data_lib.train_dataset(
-        run.corpus, seed=task.seed,
-        global_batch_size=task.data.global_batch_size,
-        seq_len=task.data.seq_len,
-        start_step=start_step * task.optimizer.gradient_accumulation_steps)
+    dataset = run.task.train_dataset(
+        task.data.global_batch_size,
+        start_step * task.optimizer.gradient_accumulation_steps)
     return iter(strategy.experimental_distribute_dataset(
         dataset, _input_options(strategy)))
 
@@ -345,6 +374,8 @@ class _MetricsLog:
     `write` turns the window into one row (means per micro-step, the
     learning rate of its last step, steps/s) on the console, in TensorBoard
     and, on the chief, in metrics.jsonl, then opens the next window.
+    `evaluate` logs an eval row the same ways (its own metrics.jsonl line
+    for the step).
     """
 
     def __init__(self, run, worker):
@@ -358,6 +389,7 @@ class _MetricsLog:
         self._history_path = _history_path(trainer) if worker.chief else None
         self._say = worker.say
         self.history = []  # the rows logged by this call (Result.history)
+        self.evals = []  # the eval rows of this call (Result.evals)
         self._rates = []  # steps/s of every window so far
         self._open()
 
@@ -409,10 +441,47 @@ class _MetricsLog:
             artifacts.append_history(self._history_path, row)
         self._open()
 
+    def evaluate(self, step, evaluator):
+        """Runs `evaluator` and logs its row for `step`."""
+        started = time.time()
+        losses = evaluator()
+        seconds = time.time() - started
+        # Evaluating is not training: keep it out of the window's steps/s.
+        self._started += seconds
+        row = {"step": step, **losses}
+        self.evals.append(row)
+        total = self._train_steps
+        line = (f"eval step {step:>{len(str(total))}}/{total} | loss "
+                f"{losses[evaluation.LOSS]:.4f}")
+        if evaluation.LOSS_EMA in losses:
+            line += f" | loss_ema {losses[evaluation.LOSS_EMA]:.4f}"
+        self._say(f"{line} | {seconds:.1f} s")
+        for name, value in losses.items():
+            _scalar_summary(name, value, step)
+        self.writer.flush()
+        if self._history_path:
+            artifacts.append_history(self._history_path, row)
 
-def _loop_calls(run, optimizer, train_loop, iterator, metrics, checkpoints,
-                start_step, hooks, stop):
-    """Calls `train_loop` until `trainer.train_steps` or a stop request.
+
+@dataclasses.dataclass
+class _LoopParts:
+    """What the loop calls work with; `_run_loop` makes and releases them."""
+    optimizer: typing.Any
+    train_loop: typing.Any
+    iterator: typing.Any
+    evaluator: typing.Any
+    metrics: _MetricsLog
+    checkpoints: _Checkpoints
+
+
+def _eval_due(trainer, step, done):
+    every = trainer.eval_every_n_steps
+    return done or bool(every and step % every == 0)
+
+
+def _loop_calls(run, parts, start_step, hooks, stop):
+    """Calls the train loop until `trainer.train_steps` or a stop request;
+    evaluates when due.
 
     Returns:
         (the final step, the agreed stop code: `signals.NONE`, `SIGTERM` or
@@ -424,14 +493,15 @@ def _loop_calls(run, optimizer, train_loop, iterator, metrics, checkpoints,
     while step < tr.train_steps:
         n = min(tr.steps_per_loop - step % tr.steps_per_loop,
                 tr.train_steps - step)
-        loss_total, norm_total = train_loop(iterator, tf.constant(n * k))
-        metrics.add(loss_total, norm_total, n, n * k)
-        step = int(optimizer.iterations.numpy())
+        loss_total, norm_total = parts.train_loop(parts.iterator,
+                                                  tf.constant(n * k))
+        parts.metrics.add(loss_total, norm_total, n, n * k)
+        step = int(parts.optimizer.iterations.numpy())
         done = step >= tr.train_steps
         if step % tr.log_every_n_steps == 0 or done:
-            metrics.write(step)
+            parts.metrics.write(step)
         if step % tr.checkpoint_every_n_steps == 0 or done:
-            checkpoints.save(step)
+            parts.checkpoints.save(step)
         for hook in hooks:
             hook(step)
         # Between two calls, never inside one. Every worker takes part, so
@@ -439,10 +509,14 @@ def _loop_calls(run, optimizer, train_loop, iterator, metrics, checkpoints,
         term, interrupt = run.any_worker((stop.code == signals.SIGTERM,
                                           stop.code == signals.SIGINT))
         if term or interrupt:
-            if not metrics.empty:
-                metrics.write(step)  # the steps since the last row
+            if not parts.metrics.empty:
+                parts.metrics.write(step)  # the steps since the last row
             # SIGINT anywhere: every worker exits as Ctrl-C'd.
             return step, signals.SIGINT if interrupt else signals.SIGTERM
+        # After the stop check: a stopping run saves at once. Every worker
+        # evaluates (its reductions are collectives) at the same steps.
+        if _eval_due(tr, step, done):
+            parts.metrics.evaluate(step, parts.evaluator)
     return step, signals.NONE
 
 
@@ -450,35 +524,48 @@ def _run_loop(run, model, optimizer, checkpoints, start_step, worker, hooks):
     """Trains from `start_step` to `trainer.train_steps`, or until SIGTERM or
     SIGINT asks to stop (see `signals`).
 
-    Owns the input pipeline and the loop function: they are made here and
+    Owns the input pipelines and the loop function: they are made here and
     released here, also when a step or a hook raises (no frame of a
     traceback keeps them).
 
     Returns:
-        (the final step, the rows logged by this call, the name of the
-        signal that stopped the run or None). The final step is saved in
-        either case.
+        (the final step, the `_MetricsLog` (rows logged by this call), the
+        name of the signal that stopped the run or None). The final step is
+        saved in either case.
     """
-    iterator = _train_iterator(run, run.strategy, start_step)
-    train_loop = make_train_loop(run.strategy, model, optimizer, run.config,
-                                 run.compute_dtype)
-    metrics = _MetricsLog(run, worker)
+    strategy = run.strategy
+    options = _input_options(strategy)
+    parts = _LoopParts(
+        optimizer=optimizer,
+        train_loop=make_train_loop(strategy, model, optimizer, run.task,
+                                   run.config.task.data.global_batch_size),
+        iterator=_train_iterator(run, strategy, start_step),
+        evaluator=evaluation.Evaluator(
+            strategy, model, optimizer, run.task,
+            run.config.task.data.global_batch_size, options),
+        metrics=_MetricsLog(run, worker), checkpoints=checkpoints)
+    metrics = parts.metrics
     try:
         with metrics.writer.as_default(), signals.StopRequest() as stop:
-            step, code = _loop_calls(run, optimizer, train_loop, iterator,
-                                     metrics, checkpoints, start_step, hooks,
-                                     stop)
+            step, code = _loop_calls(run, parts, start_step, hooks, stop)
         checkpoints.save_if_unsaved(step)
     finally:
-        # Release the input pipeline, the function that holds it first.
-        del train_loop
-        del iterator
+        # Release the input pipelines, the function that holds one first.
+        parts.train_loop = parts.iterator = parts.evaluator = None
+        del parts
         gc.collect()
-    return step, metrics.history, signals.NAMES.get(code)
+    return step, metrics, signals.NAMES.get(code)
 
 
-def _final_artifacts(run, checkpoint_path, say):
-    """The chief's loss curve and SavedModels (evaluated and sampled).
+def _final_artifacts(run, checkpoint_path, say, losses=None):
+    """The chief's loss curve and SavedModels.
+
+    Args:
+        run: the `Run`.
+        checkpoint_path: the final checkpoint.
+        say: prints a line.
+        losses: the final eval results of that checkpoint, if the run has
+            them (else the export evaluates it).
 
     Returns:
         `Result.exports`: the loss curve's path and what `artifacts.export`
@@ -495,15 +582,27 @@ def _final_artifacts(run, checkpoint_path, say):
         exports["loss_curve"] = png
     if tr.export_saved_models:
         exports.update(artifacts.export(
-            run, checkpoint_path, os.path.join(tr.model_dir, "export")))
-        line = (f"Final eval loss {exports['eval_loss']:.4f}")
-        if "eval_loss_ema" in exports:
-            line += f" (EMA weights: {exports['eval_loss_ema']:.4f})"
-        say(line + ".")
-        say(f"Sample (greedy, EMA weights): {exports['sample']!r}")
+            run, checkpoint_path, os.path.join(tr.model_dir, "export"),
+            losses))
+        say(evaluation.describe_choice(exports["weights"], tr.export_weights,
+                                       exports["losses"]))
+        if exports["summary"]:
+            say(exports["summary"])
         say(f"SavedModels: {exports['serving_dir']} (serving), "
-            f"{exports['training_dir']} (training).")
+            f"{exports['training_dir']} (training); which weights: "
+            f"{exports['weights_file']}.")
     return exports
+
+
+def _final_losses(trainer, use_ema):
+    """The eval results of step `train_steps` in metrics.jsonl, or None."""
+    for row in artifacts.read_history(_history_path(trainer)):
+        if row["step"] == trainer.train_steps and evaluation.LOSS in row:
+            keys = (evaluation.LOSS,) + (
+                (evaluation.LOSS_EMA,) if use_ema else ())
+            if all(key in row for key in keys):
+                return {key: row[key] for key in keys}
+    return None
 
 
 def _latest_checkpoint(directory):
@@ -536,16 +635,18 @@ def _exports_missing(tr):
     if not tr.export_saved_models:
         return False
     export = os.path.join(tr.model_dir, "export")
-    return not all(tf.io.gfile.exists(os.path.join(export, kind,
-                                                   "saved_model.pb"))
-                   for kind in ("serving", "training"))
+    # The weights file is written after both SavedModels.
+    return not all(tf.io.gfile.exists(os.path.join(export, path)) for path in
+                   ("serving/saved_model.pb", "training/saved_model.pb",
+                    artifacts.WEIGHTS_FILE))
 
 
-def _already_complete(config, worker, checkpoint, started):
+def _already_complete(config, task, worker, checkpoint, started):
     """The run in `model_dir` is finished: says so, trains nothing.
 
     Writes the exports only if a previous run stopped between its final
-    checkpoint and its exports (e.g. killed while exporting).
+    checkpoint and its exports (e.g. killed while exporting), with the
+    final eval results it logged if any.
     """
     tr = config.trainer
     exports = {}
@@ -553,7 +654,9 @@ def _already_complete(config, worker, checkpoint, started):
         worker.say(f"Training is complete (step {tr.train_steps}/"
                    f"{tr.train_steps}, {checkpoint}); writing the missing "
                    "exports.")
-        exports = _final_artifacts(Run(config), checkpoint, worker.say)
+        exports = _final_artifacts(
+            Run(config, task=task), checkpoint, worker.say,
+            _final_losses(tr, config.task.optimizer.use_ema))
     else:
         worker.say(f"Run already complete: step {tr.train_steps}/"
                    f"{tr.train_steps} ({checkpoint}); nothing to do. Raise "
@@ -564,7 +667,7 @@ def _already_complete(config, worker, checkpoint, started):
                   already_complete=True)
 
 
-def _start(config, cpu_devices, worker, saved):
+def _start(config, task, cpu_devices, worker, saved):
     """Strategy, config.yaml, model and optimizer, restored; says so.
 
     Returns:
@@ -574,12 +677,12 @@ def _start(config, cpu_devices, worker, saved):
     strategy = _create_strategy(config, cpu_devices)
     if worker.chief:
         rundir.write_config(tr.model_dir, config)
-    run = Run(config, strategy)
+    run = Run(config, strategy, task)
     with strategy.scope():
         model = run.make_model()
         optimizer = run.make_optimizer()
-        optimizer.build(model.params)
-    worker.say(_banner(config, strategy, model))
+        optimizer.build(run.variables(model))
+    worker.say(_banner(run, model))
 
     checkpoints = _Checkpoints(model, optimizer, tr, worker)
     restored, start_step = checkpoints.restore()
@@ -596,7 +699,7 @@ def _start(config, cpu_devices, worker, saved):
     return run, model, optimizer, checkpoints, start_step
 
 
-def _train_in(config, cpu_devices, worker, hooks, started):
+def _train_in(config, task, cpu_devices, worker, hooks, started):
     """`train` once the model directory is locked."""
     tr = config.trainer
     checkpoint, checkpoint_step = _latest_checkpoint(
@@ -606,11 +709,11 @@ def _train_in(config, cpu_devices, worker, hooks, started):
     saved = rundir.check_resume(tr.model_dir, config, checkpoint_step)
     if checkpoint_step == tr.train_steps and _holds_step(checkpoint,
                                                          checkpoint_step):
-        return _already_complete(config, worker, checkpoint, started)
+        return _already_complete(config, task, worker, checkpoint, started)
 
     run, model, optimizer, checkpoints, start_step = _start(
-        config, cpu_devices, worker, saved)
-    step, history, stopped_by = _run_loop(run, model, optimizer, checkpoints,
+        config, task, cpu_devices, worker, saved)
+    step, metrics, stopped_by = _run_loop(run, model, optimizer, checkpoints,
                                           start_step, worker, hooks)
     final_checkpoint = checkpoints.path(step)
     exports = {}
@@ -619,7 +722,10 @@ def _train_in(config, cpu_devices, worker, hooks, started):
                    f": saved checkpoint {final_checkpoint}. Run the same "
                    "command again to resume.")
     elif worker.chief:
-        exports = _final_artifacts(run, final_checkpoint, worker.say)
+        last = metrics.evals[-1] if metrics.evals else {}
+        losses = ({k: v for k, v in last.items() if k != "step"}
+                  if last.get("step") == step else None)
+        exports = _final_artifacts(run, final_checkpoint, worker.say, losses)
     if not worker.chief:
         checkpoints.remove_scratch()
     # Workers leave together (see wait_for_all_workers).
@@ -628,9 +734,11 @@ def _train_in(config, cpu_devices, worker, hooks, started):
     if not stopped_by:
         worker.say(f"Done: step {step}/{tr.train_steps} in "
                    f"{_duration(wall)} ({wall:.1f} s).")
-    return Result(start_step=start_step, final_step=step, history=history,
-                  model_dir=tr.model_dir, checkpoint=final_checkpoint,
-                  exports=exports, wall_seconds=wall, stopped_by=stopped_by)
+    return Result(start_step=start_step, final_step=step,
+                  history=metrics.history, model_dir=tr.model_dir,
+                  checkpoint=final_checkpoint, exports=exports,
+                  wall_seconds=wall, stopped_by=stopped_by,
+                  evals=metrics.evals)
 
 
 def train(config, hooks=()):
@@ -651,10 +759,16 @@ def train(config, hooks=()):
         A `Result`.
 
     Raises:
+        config_lib.ConfigError: `task.name` does not resolve to a task, or
+            the task refuses `task.params`.
         rundir.RunDirError: another trainer holds the model directory, or
             the run there has another model/data config.
     """
     started = time.time()
+    # The task first: a bad task.name or task.params is an error before
+    # anything is written (building a task makes no tensor, so the devices
+    # can still be set up after it).
+    task = task_lib.build(config)
     model_dir = config.trainer.model_dir
     # Logical CPUs and TF_CONFIG first, before TensorFlow starts.
     cpu_devices = runtime_lib.setup_devices(config.runtime)
@@ -665,4 +779,4 @@ def train(config, hooks=()):
         if lock.took_over_from:
             worker.say(f"Took over {lock.path} from pid {lock.took_over_from}"
                        ", a trainer that ended without releasing it.")
-        return _train_in(config, cpu_devices, worker, hooks, started)
+        return _train_in(config, task, cpu_devices, worker, hooks, started)

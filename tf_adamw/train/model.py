@@ -6,7 +6,7 @@ float32 and named `<scope>/<kind>` (`block_0/attention/qkv/kernel`,
 `block_0/ln_1/scale`, ...), so weight decay can be excluded by name. The
 forward pass takes a `compute_dtype`: with bfloat16 the matmuls run in
 bfloat16 on bfloat16 copies of the float32 variables (the gradients come back
-float32); LayerNorm statistics, the softmax and the loss stay float32.
+float32); LayerNorm statistics, the softmax and the logits stay float32.
 
 Parameters are initialised from a seeded NumPy generator, so every replica,
 worker and re-run starts from the same values.
@@ -49,11 +49,15 @@ class TransformerLM(tf.Module):
         num_heads: attention heads (must divide d_model).
         mlp_ratio: hidden width of the MLP as a multiple of d_model.
         seed: initialisation seed.
+        compute_dtype: the dtype of the forward pass unless a call says
+            otherwise ("float32" or "bfloat16").
     """
 
     def __init__(self, *, vocab_size, seq_len, d_model, num_layers,
-                 num_heads, mlp_ratio, seed, name="transformer_lm"):
+                 num_heads, mlp_ratio, seed, compute_dtype="float32",
+                 name="transformer_lm"):
         super().__init__(name=name)
+        self._compute_dtype = tf.as_dtype(compute_dtype)
         if d_model % num_heads:
             raise ValueError(
                 f"d_model={d_model} must be divisible by "
@@ -98,6 +102,16 @@ class TransformerLM(tf.Module):
         # The list the optimizer and checkpoints see, in a fixed order.
         self.params = p.variables
 
+    @property
+    def trainable_variables(self):
+        """`params`, in creation order.
+
+        The optimizer's slots (and their checkpoint keys) follow this order,
+        and the gradients' global norm sums in it; tf.Module's own property
+        would sort the variables by attribute name instead.
+        """
+        return tuple(self.params)
+
     @staticmethod
     def _layer_norm(x, scale, bias, dtype):
         x = tf.cast(x, tf.float32)
@@ -129,9 +143,14 @@ class TransformerLM(tf.Module):
         return tf.matmul(h, tf.cast(block["mlp_out_kernel"], dtype)) + tf.cast(
             block["mlp_out_bias"], dtype)
 
-    def __call__(self, tokens, compute_dtype=tf.float32):
-        """Logits (float32, [batch, length, vocab]) for int `tokens`."""
-        dtype = tf.as_dtype(compute_dtype)
+    def __call__(self, tokens, training=False, compute_dtype=None):
+        """Logits (float32, [batch, length, vocab]) for int `tokens`.
+
+        `training` changes nothing (no dropout); `compute_dtype` None is the
+        model's own.
+        """
+        del training
+        dtype = tf.as_dtype(compute_dtype or self._compute_dtype)
         length = tf.shape(tokens)[1]
         x = tf.gather(self.embeddings, tokens) + self.positions[:length]
         x = tf.cast(x, dtype)
@@ -147,10 +166,3 @@ class TransformerLM(tf.Module):
                            transpose_b=True)
         return tf.cast(logits, tf.float32)
 
-
-def token_loss_sum(model, inputs, targets, compute_dtype):
-    """Summed next-token cross-entropy (nats) over every position."""
-    logits = model(inputs, compute_dtype)
-    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=targets, logits=logits)
-    return tf.reduce_sum(losses)

@@ -10,11 +10,14 @@ A model directory belongs to one run. These rules keep it that way:
   over (and said so). Object stores (`gs://...`) have no locks: there the
   rule is not enforced.
 - **A resume keeps the model and the data.** With a checkpoint in the
-  directory, the keys under `task.model`, `task.data`, `task.seed` and
-  `runtime.mixed_precision_dtype` must equal those of the saved
-  `config.yaml`; the check runs before `config.yaml` is rewritten, so a
+  directory, `task.name`, the keys under `task.params` and `task.data`,
+  `task.seed` and `runtime.mixed_precision_dtype` must equal those of the
+  saved `config.yaml` (a `task.params` key set in only one of them counts
+  as a change); the check runs before `config.yaml` is rewritten, so a
   refused resume leaves it as it was. Optimizer and trainer keys may change
-  (the trainer says how the learning-rate schedule changes).
+  (the trainer says how the learning-rate schedule changes). A config.yaml
+  from before `task.params` (char_lm keys under `task.model` and
+  `task.data`) is read with its keys at their new places.
 
 Imports no TensorFlow (local paths use the os module; other paths
 `tf.io.gfile`, imported when first needed).
@@ -30,8 +33,11 @@ from tf_adamw.train import config as config_lib
 
 CONFIG_FILE = "config.yaml"
 # What a checkpoint was trained on: a resume must not change these.
-MODEL_DATA_PREFIXES = ("task.model.", "task.data.")
-MODEL_DATA_KEYS = ("task.seed", "runtime.mixed_precision_dtype")
+MODEL_DATA_PREFIXES = ("task.params.", "task.data.")
+MODEL_DATA_KEYS = ("task.name", "task.seed", "runtime.mixed_precision_dtype")
+# The task's own keys: the task may have defaults for keys a config leaves
+# out, so a key that appears or disappears is a change too.
+PARAMS_PREFIX = "task.params."
 # What the warmup + cosine learning-rate schedule is made of.
 SCHEDULE_KEYS = ("trainer.train_steps", "task.optimizer.learning_rate",
                  "task.optimizer.warmup_steps",
@@ -156,11 +162,47 @@ def saved_config(model_dir):
         raise RunDirError(f"{path} is not valid YAML ({problem}); it records "
                           "the run's model and data: restore it, or use "
                           "another --model_dir.") from None
-    return config_lib.flatten(data) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    return _upgrade(config_lib.flatten(data))
+
+
+def _upgrade(saved):
+    """A config.yaml from before `task.name`/`task.params`: the char_lm keys
+    at their new places (that run's task was char_lm)."""
+    if "task.name" in saved:
+        return saved
+    upgraded = {config_lib.MOVED_KEYS.get(k, k): v for k, v in saved.items()}
+    upgraded["task.name"] = config_lib.DEFAULT_TASK
+    return upgraded
 
 
 def _is_model_data_key(key):
     return key.startswith(MODEL_DATA_PREFIXES) or key in MODEL_DATA_KEYS
+
+
+def _model_data_changes(saved, new):
+    """`key saved -> new` for each model/data key that differs.
+
+    A key missing from the saved config is not compared (a key added to
+    the trainer since), except under `task.params`."""
+    def show(values, key):
+        return repr(values[key]) if key in values else "(unset)"
+
+    keys = list(new) + [k for k in saved
+                        if k.startswith(PARAMS_PREFIX) and k not in new]
+    changes = []
+    for key in keys:
+        if not _is_model_data_key(key):
+            continue
+        if key.startswith(PARAMS_PREFIX):
+            differs = (key in saved) != (key in new) or (
+                saved.get(key) != new.get(key))
+        else:
+            differs = key in saved and saved[key] != new[key]
+        if differs:
+            changes.append(f"{key} {show(saved, key)} -> {show(new, key)}")
+    return changes
 
 
 def check_resume(model_dir, config, checkpoint_step):
@@ -184,9 +226,7 @@ def check_resume(model_dir, config, checkpoint_step):
     saved = saved_config(model_dir)
     new = config_lib.flatten(config_lib.to_dict(config))
     if saved is not None:
-        changed = [f"{key} {saved[key]!r} -> {new[key]!r}"
-                   for key in new if _is_model_data_key(key)
-                   and key in saved and saved[key] != new[key]]
+        changed = _model_data_changes(saved, new)
         if changed:
             raise RunDirError(
                 f"{model_dir} holds a run with another model/data config "

@@ -1,0 +1,1 @@
+"""Example tasks for `python -m tf_adamw.train` (see font_digits.py)."""
