@@ -7,6 +7,8 @@ once per session: creating one is slow, and tests share them.
 
 import os
 import socket
+import subprocess
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -32,6 +34,37 @@ def free_ports(n):
     for s in sockets:
         s.close()
     return ports
+
+
+def run_together(commands, envs, cwd=None, timeout=90):
+    """Runs `commands` at once, as a cluster manager would: once one fails,
+    the others are killed (they would wait for it).
+
+    Returns:
+        `[(returncode, output)]`, stdout and stderr together; the output of
+        a process the test killed says so.
+    """
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for cmd, env in zip(commands, envs)]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes) or any(
+                c not in (None, 0) for c in codes):
+            break
+        time.sleep(0.1)
+    results = []
+    for p in procs:
+        killed = p.poll() is None
+        if killed:
+            p.kill()
+        output, _ = p.communicate()
+        if killed:
+            output += (f"\n[killed by the test: still running after "
+                       f"{timeout} s, or another process failed]")
+        results.append((p.returncode, output))
+    return results
 
 
 def make_mirrored_strategy(merge_call=True):

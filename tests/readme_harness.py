@@ -43,10 +43,10 @@ import dataclasses
 import os
 import re
 import shlex
-import socket
-import subprocess
 import sys
-import time
+
+from conftest import free_ports
+from conftest import run_together
 
 # The source tree, also when this file is reached through a symlink (Bazel's
 # runfiles): README.md is not among the test's data.
@@ -472,45 +472,13 @@ def environment(extra=None):
     return env
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _numbered(text):
     return "\n".join(f"{n:4d}  {line}"
                      for n, line in enumerate(text.splitlines(), 1))
 
 
 def _run_processes(commands, cwd, envs):
-    """Runs the commands together; once one fails, kills the others (they
-    would wait for it). Returns [(returncode, output)]."""
-    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for cmd, env in zip(commands, envs)]
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        codes = [p.poll() for p in procs]
-        if all(c is not None for c in codes) or any(
-                c not in (None, 0) for c in codes):
-            break
-        time.sleep(0.1)
-    results = []
-    for p in procs:
-        killed = p.poll() is None
-        if killed:
-            p.kill()
-        output, _ = p.communicate()
-        if killed:
-            output += (f"\n[killed by the test: still running after "
-                       f"{TIMEOUT} s, or another process failed]")
-        results.append((p.returncode, output))
-    return results
+    return run_together(commands, envs, cwd=cwd, timeout=TIMEOUT)
 
 
 def run_block(block, blocks, tmp_dir):
@@ -531,7 +499,7 @@ def run_block(block, blocks, tmp_dir):
                      if block.directive == "prelude" else 1)
         extra = [{}]
         if processes > 1:
-            hosts = ",".join(f"127.0.0.1:{p}" for p in _free_ports(processes))
+            hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(processes))
             extra = [{"README_TEST_WORKER_HOSTS": hosts,
                       "README_TEST_WORKER_INDEX": str(i)}
                      for i in range(processes)]

@@ -7,9 +7,7 @@ must end bit-identical to the uninterrupted run.
 """
 
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ import tensorflow as tf
 
 import mwms_worker
 from conftest import free_ports
+from conftest import run_together
 import tf_adamw
 
 pytestmark = pytest.mark.multiprocess
@@ -31,7 +30,7 @@ def _launch(model_dir, out=None, die_at_step=None):
     ports = ",".join(str(p) for p in free_ports(2))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(__file__))] + sys.path))
-    procs = []
+    commands = []
     for task in range(2):
         cmd = [sys.executable, WORKER, str(task), ports, str(model_dir),
                str(CALLS)]
@@ -39,24 +38,10 @@ def _launch(model_dir, out=None, die_at_step=None):
             cmd.append(f"--out={out}")
         if task == 1 and die_at_step:
             cmd.append(f"--die_at_step={die_at_step}")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        commands.append(cmd)
     # Like a cluster manager: once a worker dies, stop the others (they
     # would block on the dead peer) so that all can restart together.
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        codes = [p.poll() for p in procs]
-        if all(c is not None for c in codes) or any(
-                c not in (None, 0) for c in codes):
-            break
-        time.sleep(0.2)
-    results = []
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        output, _ = p.communicate()
-        results.append((p.returncode, output))
-    return results
+    return run_together(commands, [env, env], timeout=TIMEOUT)
 
 
 def _single_device():
