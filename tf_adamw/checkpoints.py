@@ -19,6 +19,8 @@ from tensorflow.python.checkpoint import graph_view
 from tensorflow.python.checkpoint import save_util
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from tf_adamw import state as state_lib
+
 __all__ = ["restore_latest_good"]
 
 # Errors the checkpoint reader raises for damaged files. It is not only
@@ -91,11 +93,6 @@ def trackable_paths(root):
 # Slots follow their variables: what a checkpoint holds for an optimizer's
 # slots, checked against the variables it is built with.
 
-# Slot kind -> the tracked list on `AdamW` (its checkpoint key).
-_SLOT_LISTS = {"momentum": "_momentums", "velocity": "_velocities",
-               "velocity_hat": "_velocity_hats", "average": "_averages",
-               "accumulator": "_accumulators"}
-
 
 def pending_slots(slot_lists):
     """What a restore into an unbuilt optimizer left waiting for its slots.
@@ -130,7 +127,7 @@ def saved_slots(reader, optimizer_path):
              for node in graph.nodes for a in node.attributes}
     shapes = reader.get_variable_to_shape_map()
     out = {}
-    for kind, attribute in _SLOT_LISTS.items():
+    for kind, attribute in state_lib.SLOT_ATTRIBUTES.items():
         pattern = re.compile(re.escape(f"{optimizer_path}/{attribute}/")
                              + r"(\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")
         for key, shape in shapes.items():
