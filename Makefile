@@ -34,3 +34,29 @@ bench:
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# The R example (examples/r/README.md): R drives tf_adamw.keras.AdamW through
+# reticulate. Debian's reticulate (1.28) refuses NumPy 2, so R gets a venv of
+# its own with numpy<2 (TF 2.21 accepts NumPy >= 1.26). Needs `Rscript`
+# (apt: r-base-core r-cran-reticulate); tests/test_r_example.py runs it.
+R_VENV := .venv-r
+R_VPY := $(R_VENV)/bin/python
+R_STAMP := $(R_VENV)/.installed
+R_OUT ?= runs/r_example
+# --mirrored: also trains under a MirroredStrategy over 2 logical CPUs.
+R_ARGS ?= --mirrored
+
+.PHONY: r-venv r-example
+
+r-venv: $(R_STAMP)
+
+$(R_STAMP): setup.py
+	test -x $(R_VPY) || $(PYTHON) -m venv $(R_VENV)
+	$(R_VPY) -m pip install --quiet -e . 'numpy<2' 'tensorflow==2.21.0'
+	$(R_VPY) -m tf_adamw.kernels || echo "warning: fused kernel not built" >&2
+	touch $(R_STAMP)
+
+# Trains, saves and reloads a small model from R into $(R_OUT).
+r-example: $(R_STAMP)
+	RETICULATE_PYTHON=$(abspath $(R_VPY)) Rscript examples/r/train_adamw.R \
+		$(R_OUT) $(R_ARGS)

@@ -109,10 +109,23 @@ CHECK_ARGUMENT_TABLE = [
         "`ema_overwrite_frequency` must be an integer >= 1 or None"),
     Row("gradient_accumulation_steps", 2, 2, 1, ValueError,
         "`gradient_accumulation_steps` must be an integer >= 2 or None"),
-    Row("gradient_accumulation_steps", np.int64(4), 4, 4.0, ValueError,
+    Row("gradient_accumulation_steps", np.int64(4), 4, 4.5, ValueError,
         "`gradient_accumulation_steps` must be an integer >= 2 or None"),
     Row("gradient_accumulation_steps", None, None, "4", ValueError,
         "`gradient_accumulation_steps` must be an integer >= 2 or None"),
+    # The dynamic loss scale.
+    Row("loss_scale", "dynamic", "dynamic", "static", ValueError,
+        "Argument `loss_scale` must be None or \"dynamic\""),
+    Row("loss_scale", None, None, 2.0, ValueError,
+        "Argument `loss_scale` must be None or \"dynamic\""),
+    Row("initial_scale", 8, 8.0, 0, ValueError,
+        "Argument `initial_scale` must be in (0.0, inf]"),
+    Row("initial_scale", 2.0 ** 15, 32768.0, "big", TypeError,
+        "Argument `initial_scale` must be a number"),
+    Row("dynamic_growth_steps", 10, 10, 0, ValueError,
+        "`dynamic_growth_steps` must be an integer >= 1 (finite calls"),
+    Row("dynamic_growth_steps", 10.0, 10, None, ValueError,
+        "`dynamic_growth_steps` must be an integer >= 1 (finite calls"),
     # ema_momentum: ranged only when the EMA is in use.
     Row("ema_momentum", 1.0, 1.0, 1.5, ValueError,
         "Argument `ema_momentum` must be in [0.0, 1.0]", use_ema=True),
@@ -403,3 +416,54 @@ def test_defaults_pass_their_own_rules():
             value = getattr(defaults, name)
             assert options.check_argument(name, value,
                                           use_ema=use_ema) == value
+
+
+# ---------------------------------------------------------------------------
+# Counts given as doubles (R through reticulate; issue #16).
+
+
+@pytest.mark.parametrize("name,value,expected", [
+    ("gradient_accumulation_steps", 4.0, 4),
+    ("gradient_accumulation_steps", 2.0, 2),
+    ("gradient_accumulation_steps", np.float64(8.0), 8),
+    ("ema_overwrite_frequency", 100.0, 100),
+    ("ema_overwrite_frequency", 1.0, 1),
+    ("ema_overwrite_frequency", np.float32(3.0), 3),
+])
+def test_integral_floats_are_counts(name, value, expected):
+    """R has only doubles: `4` in R arrives as 4.0. An integral float is
+    accepted and stored as a Python int (so configs serialise ints)."""
+    got = options.check_argument(name, value, use_ema=True)
+    assert got == expected and type(got) is int
+    opts = options.validate(use_ema=True, **{name: value})
+    assert type(getattr(opts, name)) is int
+    assert type(opts.to_config()[name]) is int
+
+
+@pytest.mark.parametrize("name,value", [
+    ("gradient_accumulation_steps", 4.5),
+    ("gradient_accumulation_steps", 2.000001),
+    ("gradient_accumulation_steps", 1.0),  # integral but below 2
+    ("gradient_accumulation_steps", INF),
+    ("gradient_accumulation_steps", NAN),
+    ("ema_overwrite_frequency", 100.5),
+    ("ema_overwrite_frequency", 0.0),
+    ("ema_overwrite_frequency", -INF),
+    ("ema_overwrite_frequency", np.float64(2.5)),
+])
+def test_non_integral_or_small_floats_are_refused(name, value):
+    """A float that is not a whole number >= the minimum is a ValueError
+    naming the argument and the value received."""
+    with pytest.raises(ValueError) as info:
+        options.check_argument(name, value, use_ema=True)
+    message = str(info.value)
+    assert f"`{name}` must be an integer >=" in message
+    assert f"Received: {name}={value!r}" in message
+    assert "integral value" in message
+
+
+def test_bools_are_still_not_counts():
+    """True == 1 and 1.0 == 1, but a bool is not a count."""
+    for value in (True, np.bool_(True)):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            options.check_argument("ema_overwrite_frequency", value)

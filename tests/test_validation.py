@@ -157,7 +157,7 @@ INT_ARGS = [
     ("gradient_accumulation_steps", 1),
     ("gradient_accumulation_steps", 0),
     ("gradient_accumulation_steps", 2.5),
-    ("gradient_accumulation_steps", 4.0),
+    ("gradient_accumulation_steps", 4.5),
     ("gradient_accumulation_steps", True),
     ("gradient_accumulation_steps", "4"),
 ]

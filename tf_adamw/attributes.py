@@ -88,6 +88,24 @@ class Attributes:
     skip_nonfinite_gradients = property(
         lambda self: self._options.skip_nonfinite_gradients)
 
+    loss_scale = property(lambda self: self._options.loss_scale)
+    initial_scale = property(lambda self: self._options.initial_scale)
+    dynamic_growth_steps = property(
+        lambda self: self._options.dynamic_growth_steps)
+
+    @property
+    def dynamic_scale(self):
+        """The current dynamic loss scale (a float32 variable), as Keras's
+        `LossScaleOptimizer.dynamic_scale`.
+
+        Raises:
+            AttributeError: without `loss_scale="dynamic"`.
+        """
+        if not self._options.dynamic_loss_scale:
+            raise AttributeError(
+                "`dynamic_scale` exists only with `loss_scale=\"dynamic\"`.")
+        return self._dynamic_scale
+
     @property
     def skipped_steps(self):
         """Calls skipped for non-finite gradients (an int64 variable).

@@ -30,8 +30,9 @@ class Engine:
 
     Args:
         options: the optimizer's `Options`.
-        counters: `(iterations, accumulation_count, skipped_steps)`, the
-            last two None when not in use.
+        counters: `(iterations, accumulation_count, skipped_steps,
+            dynamic_scale, scale_step_counter)`, all but the first None
+            when not in use.
         slot_lists: `{kind: tracked list}` for every kind in
             `state.SLOT_KINDS`; `build` extends them.
         hyperparameter_values: a callable returning `{name: value}` of the

@@ -130,6 +130,13 @@ class AdamW(tf.Module, attributes.Attributes):
                     name, "accumulation_count")
             if self._options.skip_nonfinite_gradients:
                 self._skipped_steps = state_lib.counter(name, "skipped_steps")
+            if self._options.dynamic_loss_scale:
+                # Keras LossScaleOptimizer's variable names.
+                self._dynamic_scale = state_lib.counter(
+                    name, "dynamic_scale", self._options.initial_scale,
+                    tf.float32)
+                self._scale_step_counter = state_lib.counter(
+                    name, "step_counter")
             values = (learning_rate, weight_decay, beta_1, beta_2, epsilon)
             for hyper, value in zip(hyperparameters.NAMES, values):
                 variable, number = hyperparameters.create(name, hyper, value)
@@ -271,11 +278,14 @@ class AdamW(tf.Module, attributes.Attributes):
 
     def _counters(self):
         options = self._options
+        dynamic = options.dynamic_loss_scale
         return (self._iterations,
                 self._accumulation_count
                 if options.gradient_accumulation_steps else None,
                 self._skipped_steps
-                if options.skip_nonfinite_gradients else None)
+                if options.skip_nonfinite_gradients else None,
+                self._dynamic_scale if dynamic else None,
+                self._scale_step_counter if dynamic else None)
 
     def _hyperparameter_values(self):
         return {name: getattr(self, "_" + name)
@@ -419,15 +429,24 @@ class AdamW(tf.Module, attributes.Attributes):
 
     @_not_converted
     def scale_loss(self, loss):
-        """Multiplies `loss` by `loss_scale_factor` (if set).
+        """Multiplies `loss` by the loss scale: `loss_scale_factor`, or
+        with `loss_scale="dynamic"` the current `dynamic_scale`.
 
         Args:
             loss: a tensor, or a Python or NumPy number.
 
         Returns:
-            `loss` itself without a factor; else `loss * factor` as a tensor
-            of `loss`'s dtype.
+            `loss` itself without a scale. With a factor, `loss * factor` as
+            a tensor of `loss`'s dtype. With the dynamic scale, a float32
+            tensor when `loss` is float16 or bfloat16 (2**16 and above
+            overflow float16, as in Keras, which promotes), else of
+            `loss`'s dtype.
         """
+        if self._options.dynamic_loss_scale:
+            loss = tf.convert_to_tensor(loss)
+            if loss.dtype in (tf.float16, tf.bfloat16):
+                loss = tf.cast(loss, tf.float32)
+            return loss * tf.cast(self._dynamic_scale, loss.dtype)
         factor = self._options.loss_scale_factor
         if factor is None:
             return loss

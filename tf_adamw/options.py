@@ -81,13 +81,21 @@ def boolean(name, value):
 
 
 def optional_int(name, value, minimum, what):
-    """Validates an int >= minimum, or None."""
+    """Validates an int >= minimum, or None; returns a Python int.
+
+    A float with an integral value (`4.0`) counts as that int: R and other
+    callers through reticulate have only doubles (`4` in R is `4.0`).
+    """
     if value is None:
         return None
-    if (isinstance(value, (bool, np.bool_))
-            or not isinstance(value, numbers.Integral) or value < minimum):
+    integral = not isinstance(value, (bool, np.bool_)) and (
+        isinstance(value, numbers.Integral)
+        or (isinstance(value, numbers.Real)
+            and float(value).is_integer()))
+    if not integral or value < minimum:
         raise ValueError(
-            f"`{name}` must be an integer >= {minimum} or None ({what}). "
+            f"`{name}` must be an integer >= {minimum} or None ({what}; "
+            f"a float must have an integral value, e.g. 4.0). "
             f"Received: {name}={value!r}")
     return int(value)
 
@@ -110,6 +118,10 @@ _RULES = {
     "jit_compile": boolean,
     "skip_nonfinite_gradients": boolean,
     "fused": optional_boolean,
+    "loss_scale": lambda name, value: _loss_scale(value),
+    "initial_scale": lambda name, value: number(
+        name, value, low=0.0, low_open=True),
+    "dynamic_growth_steps": lambda name, value: _growth_steps(value),
     "clipnorm": optional_number,
     "clipvalue": optional_number,
     "global_clipnorm": optional_number,
@@ -180,6 +192,15 @@ class Options:
     jit_compile: bool = True
     skip_nonfinite_gradients: bool = False
     fused: typing.Optional[bool] = None
+    # Dynamic loss scaling (`loss_scale="dynamic"`): Keras
+    # LossScaleOptimizer's rule and defaults.
+    loss_scale: typing.Optional[str] = None
+    initial_scale: float = 2.0 ** 15
+    dynamic_growth_steps: int = 2000
+
+    @property
+    def dynamic_loss_scale(self):
+        return self.loss_scale == "dynamic"
 
     def clip_rule(self):
         """`(kind, value)` of the clipping in use, or None.
@@ -197,6 +218,11 @@ class Options:
         """The options as Keras config keys (hyperparameters not included)."""
         config = dataclasses.asdict(self)
         config.pop("name")
+        if not self.dynamic_loss_scale:
+            # Keys of an option not in use are left out, so that configs
+            # of optimizers without it are unchanged.
+            for key in _LOSS_SCALE_KEYS:
+                config.pop(key)
         return config
 
 
@@ -204,7 +230,8 @@ def validate(*, name="adamw", amsgrad=False, clipnorm=None, clipvalue=None,
              global_clipnorm=None, use_ema=False, ema_momentum=0.99,
              ema_overwrite_frequency=None, loss_scale_factor=None,
              gradient_accumulation_steps=None, jit_compile=True,
-             skip_nonfinite_gradients=False, fused=None):
+             skip_nonfinite_gradients=False, fused=None, loss_scale=None,
+             initial_scale=2.0 ** 15, dynamic_growth_steps=2000):
     """Checks the fixed constructor arguments and returns `Options`.
 
     Raises:
@@ -228,19 +255,25 @@ def validate(*, name="adamw", amsgrad=False, clipnorm=None, clipvalue=None,
              "gradient_accumulation_steps": gradient_accumulation_steps,
              "jit_compile": jit_compile,
              "skip_nonfinite_gradients": skip_nonfinite_gradients,
-             "fused": fused}
+             "fused": fused, "loss_scale": loss_scale,
+             "initial_scale": initial_scale,
+             "dynamic_growth_steps": dynamic_growth_steps}
     use_ema = boolean("use_ema", use_ema)
-    return Options(name=name, **{
-        key: check_argument(key, value, use_ema=use_ema)
-        for key, value in given.items()})
+    checked = {key: check_argument(key, value, use_ema=use_ema)
+               for key, value in given.items()}
+    _check_loss_scale_combination(**{key: checked[key] for key in (
+        "loss_scale", "loss_scale_factor", "initial_scale",
+        "dynamic_growth_steps")})
+    return Options(name=name, **checked)
 
 
 def extra_keywords(kwargs, *, weight_decay):
     """The keyword arguments `AdamW` takes beyond Keras's signature.
 
     `decay` is accepted with a warning and ignored (Keras compatibility);
-    `jit_compile`, `skip_nonfinite_gradients` and `fused` are returned for
-    `validate`. Also refuses `weight_decay=None` as Keras does.
+    `jit_compile`, `skip_nonfinite_gradients`, `fused` and the dynamic
+    loss scale's `loss_scale`, `initial_scale` and `dynamic_growth_steps`
+    are returned for `validate`. Also refuses `weight_decay=None` as Keras does.
 
     Raises:
         ValueError: any other key, or `weight_decay` is None.
@@ -251,7 +284,7 @@ def extra_keywords(kwargs, *, weight_decay):
             "Argument `decay` is no longer supported and will be ignored.")
     ours = {k: kwargs.pop(k) for k in
             ("jit_compile", "skip_nonfinite_gradients", "fused")
-            if k in kwargs}
+            + _LOSS_SCALE_KEYS if k in kwargs}
     if kwargs:
         raise ValueError(f"Argument(s) not recognized: {kwargs}")
     if weight_decay is None:
@@ -271,3 +304,45 @@ def _ema_momentum(value, use_ema):
             "Argument `ema_momentum` must be a number. Received: "
             f"ema_momentum={value!r}")
     return float(value)
+
+
+_LOSS_SCALE_KEYS = ("loss_scale", "initial_scale", "dynamic_growth_steps")
+
+
+def _loss_scale(value):
+    if value is not None and value != "dynamic":
+        raise ValueError(
+            "Argument `loss_scale` must be None or \"dynamic\" (a fixed "
+            "factor is `loss_scale_factor`). Received: "
+            f"loss_scale={value!r}")
+    return value
+
+
+def _check_loss_scale_combination(loss_scale, loss_scale_factor,
+                                  initial_scale, dynamic_growth_steps):
+    if loss_scale is None and (initial_scale != 2.0 ** 15
+                               or dynamic_growth_steps != 2000):
+        raise ValueError(
+            "Arguments `initial_scale` and `dynamic_growth_steps` need "
+            "`loss_scale=\"dynamic\"`. Received: "
+            f"initial_scale={initial_scale!r}, "
+            f"dynamic_growth_steps={dynamic_growth_steps!r}, "
+            f"loss_scale={loss_scale!r}")
+    if loss_scale is not None and loss_scale_factor is not None:
+        raise ValueError(
+            "Only one of `loss_scale_factor` (a fixed factor) and "
+            "`loss_scale=\"dynamic\"` can be set. Received: "
+            f"loss_scale_factor={loss_scale_factor!r}, "
+            f"loss_scale={loss_scale!r}")
+
+
+def _growth_steps(value):
+    try:
+        if value is not None:
+            return optional_int("dynamic_growth_steps", value, 1, "")
+    except ValueError:
+        pass
+    raise ValueError(
+        "`dynamic_growth_steps` must be an integer >= 1 (finite calls "
+        "before the loss scale doubles). Received: "
+        f"dynamic_growth_steps={value!r}")

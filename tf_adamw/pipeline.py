@@ -1,9 +1,9 @@
 """One replica's step, one function per stage, in the fixed order of
 docs/semantics.md, "The step":
 
-    unscale -> finite guard -> accumulate -> (overwrite with gradient)
-    -> clip -> weight decay + Adam -> EMA (+ overwrite) -> constraints
-    -> count
+    unscale -> finite guard (-> dynamic loss scale) -> accumulate
+    -> (overwrite with gradient) -> clip -> weight decay + Adam
+    -> EMA (+ overwrite) -> constraints -> count
 
 `run` calls the stages in that order, after evaluating everything a
 write needs (the dense gradients, the step's scalars), so that a call that
@@ -42,11 +42,13 @@ class Step(typing.NamedTuple):
 
 # Which optional stages an optimizer's options put in its step.
 def unscales(options):
-    return options.loss_scale_factor is not None
+    return options.loss_scale_factor is not None or options.dynamic_loss_scale
 
 
 def guards(options):
-    return options.skip_nonfinite_gradients
+    # A dynamic loss scale skips non-finite calls, as Keras's
+    # LossScaleOptimizer does.
+    return options.skip_nonfinite_gradients or options.dynamic_loss_scale
 
 
 def accumulates(options):
@@ -182,20 +184,51 @@ def in_compute_dtype(step, grads):
 
 
 def unscale(step, grads):
-    """Step 2: divides by `loss_scale_factor` (not the values of
-    overwritten variables, as in Keras)."""
+    """Step 2: divides by `loss_scale_factor`, or the dynamic scale as it
+    was before this call (not the values of overwritten variables, as in
+    Keras)."""
     if not unscales(step.options):
         return grads
-    factor = step.options.loss_scale_factor
+    if step.options.dynamic_loss_scale:
+        factor = step.state.dynamic_scale.read_value()
+    else:
+        factor = step.options.loss_scale_factor
     overwrites = step.table.overwrites
     return {i: g if i in overwrites else g / tf.cast(factor, g.dtype)
             for i, g in grads.items()}
 
 
 def count_skipped(step):
-    """A skipped call only counts itself (when the guard is on)."""
-    if guards(step.options):
+    """A skipped call only counts itself (in `skipped_steps`, when the
+    optimizer keeps it)."""
+    if step.options.skip_nonfinite_gradients:
         step.state.skipped_steps.assign_add(1)
+
+
+def adjust_loss_scale(step, finite, applied):
+    """Step 3's dynamic loss scale, after the call (Keras's
+    `LossScaleOptimizer`): a non-finite call halves the scale, a finite one
+    that was applied counts, and the `dynamic_growth_steps`-th finite call
+    in a row doubles it; each change restarts the count. A finite call
+    skipped for a bad sparse index changes neither. Scalar `tf.where`s, not
+    branches: the same few ops on every path. `finite`, `applied`: scalar
+    bools, None for True."""
+    if not step.options.dynamic_loss_scale:
+        return
+    finite = tf.constant(True) if finite is None else finite
+    applied = tf.constant(True) if applied is None else applied
+    scale = step.state.dynamic_scale
+    counter = step.state.scale_step_counter
+    count, value = counter.read_value(), scale.read_value()
+    counted = tf.logical_and(finite, applied)
+    grow = tf.logical_and(counted, tf.equal(
+        count, step.options.dynamic_growth_steps - 1))
+    zero = tf.zeros_like(count)
+    counter.assign(tf.where(grow, zero, tf.where(
+        counted, count + 1, tf.where(finite, count, zero))),
+        read_value=False)
+    scale.assign(tf.where(finite, tf.where(grow, value * 2.0, value),
+                          value / 2.0), read_value=False)
 
 
 def guard_and_apply(step, grads, scalars, valid=None):
@@ -210,21 +243,25 @@ def guard_and_apply(step, grads, scalars, valid=None):
     that is not `valid` is skipped the same way (one conditional for both).
     """
     checks = [] if valid is None else [valid]
-    norm = None
+    norm, finite = None, None
     regular = _regular(step, grads)
     if guards(step.options) and regular:
         total = update.sum_of_squares([regular[i] for i in sorted(regular)])
-        checks.append(tf.math.is_finite(total))
+        finite = tf.math.is_finite(total)
+        checks.append(finite)
         rule = step.options.clip_rule()
         if rule is not None and rule[0] == "global_clipnorm" and (
                 not accumulates(step.options)):
             norm = tf.sqrt(total)  # update.global_norm of the same list
     if not checks:
         accumulate_or_apply(step, grads, scalars)
+        adjust_loss_scale(step, finite, applied=None)
         return
-    tf.cond(checks[0] if len(checks) == 1 else tf.logical_and(*checks),
-            lambda: _done(accumulate_or_apply(step, grads, scalars, norm)),
-            lambda: _done(count_skipped(step), value=False))
+    applied = tf.cond(
+        checks[0] if len(checks) == 1 else tf.logical_and(*checks),
+        lambda: _done(accumulate_or_apply(step, grads, scalars, norm)),
+        lambda: _done(count_skipped(step), value=False))
+    adjust_loss_scale(step, finite, applied)
 
 
 def accumulate_or_apply(step, grads, scalars, norm=None):

@@ -87,12 +87,13 @@ def slot_kinds(options):
 # The optimizer's own variables.
 
 
-def counter(prefix, name):
-    """An int64 counter variable, created where the caller's scope says."""
+def counter(prefix, name, initial_value=0, dtype=tf.int64):
+    """A counter variable (int64 unless `dtype`), created where the
+    caller's scope says."""
     # Aggregation NONE everywhere: every replica writes the same value to its
     # own copy, so no update needs a collective (and TPUs cannot all-reduce
     # int64).
-    return tf.Variable(0, dtype=tf.int64, trainable=False,
+    return tf.Variable(initial_value, dtype=dtype, trainable=False,
                        name=f"{prefix}/{name}",
                        aggregation=tf.VariableAggregation.NONE)
 
@@ -391,6 +392,10 @@ class StepState(typing.NamedTuple):
     iterations: tf.Variable
     accumulation_count: typing.Optional[tf.Variable]
     skipped_steps: typing.Optional[tf.Variable]
+    # Dynamic loss scaling: the scale and the finite calls since it last
+    # changed (None without `loss_scale="dynamic"`).
+    dynamic_scale: typing.Optional[tf.Variable] = None
+    scale_step_counter: typing.Optional[tf.Variable] = None
 
 
 def step_state(tf_vars, slots, counters, local=distribute.local):
@@ -399,11 +404,14 @@ def step_state(tf_vars, slots, counters, local=distribute.local):
     Args:
         tf_vars: the model variables.
         slots: `{kind: [variable, ...]}` for every kind in `SLOT_KINDS`.
-        counters: `(iterations, accumulation_count, skipped_steps)`, the
-            last two possibly None.
+        counters: `(iterations, accumulation_count, skipped_steps,
+            dynamic_scale, scale_step_counter)`, all but the first possibly
+            None.
         local: maps a (possibly mirrored) variable to the copy to use.
     """
-    iterations, accumulation_count, skipped_steps = counters
+    iterations, *optional = counters
+    accumulation_count, skipped_steps, dynamic_scale, step_counter = [
+        None if c is None else local(c) for c in optional]
     return StepState(
         variables=[local(v) for v in tf_vars],
         momentums=[local(v) for v in slots["momentum"]],
@@ -412,10 +420,8 @@ def step_state(tf_vars, slots, counters, local=distribute.local):
         averages=[local(v) for v in slots["average"]],
         accumulators=[local(v) for v in slots["accumulator"]],
         iterations=local(iterations),
-        accumulation_count=(None if accumulation_count is None
-                            else local(accumulation_count)),
-        skipped_steps=None if skipped_steps is None else local(skipped_steps),
-    )
+        accumulation_count=accumulation_count, skipped_steps=skipped_steps,
+        dynamic_scale=dynamic_scale, scale_step_counter=step_counter)
 
 
 def write_averages(variables, averages):
