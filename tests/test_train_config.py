@@ -116,7 +116,7 @@ def test_yaml_scientific_notation_without_a_dot_is_a_number(tmp_path):
 @pytest.mark.parametrize("text, key", [
     ("runtime:\n  distribution_strategy: parameter_server\n",
      "runtime.distribution_strategy"),
-    ("runtime:\n  mixed_precision_dtype: float16\n",
+    ("runtime:\n  mixed_precision_dtype: float8\n",
      "runtime.mixed_precision_dtype"),
     ("trainer:\n  log_every_n_steps: 30\n", "trainer.log_every_n_steps"),
     ("task:\n  params:\n    num_heads: 3\n", "task.params.num_heads"),

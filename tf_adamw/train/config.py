@@ -41,11 +41,13 @@ class ConfigError(ValueError):
 
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored", "tpu")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "float16")
+LOSS_SCALES = ("none", "dynamic")
 EXPORT_WEIGHTS = ("best", "ema", "raw")
 # Keys with a fixed set of values (listed by `--help`).
 CHOICES = {"runtime.distribution_strategy": STRATEGIES,
            "runtime.mixed_precision_dtype": PRECISIONS,
+           "task.optimizer.loss_scale": LOSS_SCALES,
            "trainer.export_weights": EXPORT_WEIGHTS}
 # The built-in tasks, by the name `task.name` may give instead of an import
 # path, and the import path each one stands for.
@@ -69,7 +71,9 @@ class RuntimeConfig:
     # Logical CPU devices to create before TensorFlow starts (mirrored on a
     # CPU-only machine); 1 leaves the devices alone.
     num_cpus: int = 1
-    # float32 | bfloat16 (bfloat16 compute, float32 variables and slots).
+    # float32 | bfloat16 | float16 (16-bit compute, float32 variables and
+    # slots). float16 needs task.optimizer.loss_scale: dynamic, or small
+    # gradients underflow.
     mixed_precision_dtype: str = "float32"
     # TPU name for TPUClusterResolver: "local" on a TPU VM, the TPU (pod) name
     # from a client VM or for a multi-host pod slice, or a grpc:// address.
@@ -144,6 +148,12 @@ class OptimizerConfig:
     fused_kernel: bool = True
     # Compile the optimizer's non-fused step with XLA (tf_adamw's default).
     jit_compile: bool = True
+    # none | dynamic: scale the loss (and unscale the gradients) by a
+    # dynamic loss scale, Keras LossScaleOptimizer's rule: for float16.
+    loss_scale: str = "none"
+    initial_scale: float = 2.0 ** 15  # the dynamic scale's start
+    # Finite steps in a row after which the dynamic scale doubles.
+    dynamic_growth_steps: int = 2000
 
     def adamw_arguments(self):
         """The `tf_adamw.AdamW` arguments this section sets, translated once.
@@ -166,7 +176,18 @@ class OptimizerConfig:
             "skip_nonfinite_gradients": self.skip_nonfinite_gradients,
             "fused": None if self.fused_kernel else False,
             "jit_compile": self.jit_compile,
+            **self.loss_scale_arguments(),
         }
+
+    def loss_scale_arguments(self):
+        """The dynamic loss scale's `AdamW` arguments (`loss_scale: none`
+        passes only `loss_scale=None`; the other two keys are AdamW errors
+        without the dynamic scale)."""
+        if self.loss_scale == "none":
+            return {"loss_scale": None}
+        return {"loss_scale": self.loss_scale,
+                "initial_scale": self.initial_scale,
+                "dynamic_growth_steps": self.dynamic_growth_steps}
 
 
 @dataclasses.dataclass
@@ -573,6 +594,9 @@ def _check_optimizer(o, t, fail):
     if o.global_clipnorm < 0:
         fail("task.optimizer.global_clipnorm",
              f"must be >= 0 (0 turns clipping off); got {o.global_clipnorm}.")
+    if o.loss_scale not in LOSS_SCALES:
+        fail("task.optimizer.loss_scale", f"must be one of "
+             f"{', '.join(LOSS_SCALES)}; got {o.loss_scale!r}.")
     for argument, value in o.adamw_arguments().items():
         key = "task.optimizer." + _OPTIMIZER_KEYS.get(argument, argument)
         try:
@@ -581,6 +605,12 @@ def _check_optimizer(o, t, fail):
             adamw_options.check_argument(argument, value, use_ema=True)
         except (TypeError, ValueError) as e:
             fail(key, f"is not a valid AdamW argument: {e}")
+    for argument in ("initial_scale", "dynamic_growth_steps"):
+        try:  # checked when not in use too: a typo is an error either way
+            adamw_options.check_argument(argument, getattr(o, argument))
+        except (TypeError, ValueError) as e:
+            fail("task.optimizer." + argument,
+                 f"is not a valid AdamW argument: {e}")
     try:
         adamw_options.check_patterns(o.exclude_from_weight_decay)
     except (TypeError, ValueError) as e:

@@ -170,7 +170,7 @@ def _input_options(strategy):
     return None
 
 
-def _loss_scale(losses, global_batch_size):
+def _mean_factor(losses, global_batch_size):
     """1 / (global batch x loss elements per example): turns a replica's sum
     of the task's losses into its share of the global mean.
 
@@ -197,17 +197,21 @@ def make_train_loop(strategy, model, optimizer, task, global_batch_size):
     variables = list(model.trainable_variables)
 
     def replica_step(inputs, targets):
+        # The optimizer's loss scale (1 without one), read before the step
+        # that may change it: float16 gradients need the loss scaled up.
+        scale = tf.convert_to_tensor(optimizer.scale_loss(1.0), tf.float32)
         with tf.GradientTape() as tape:
             losses = tf.cast(task.loss(targets, model(inputs, training=True)),
                              tf.float32)
-            loss = tf.reduce_sum(losses) * _loss_scale(losses,
-                                                       global_batch_size)
-        grads = tape.gradient(loss, variables)
+            loss = tf.reduce_sum(losses) * _mean_factor(losses,
+                                                        global_batch_size)
+            scaled_loss = loss * scale
+        grads = tape.gradient(scaled_loss, variables)
         # One all-reduce of the gradients; the norm of the sum is what the
         # optimizer clips, and is identical on every replica.
         grads = tf.distribute.get_replica_context().all_reduce(
             tf.distribute.ReduceOp.SUM, grads)
-        grad_norm = tf.linalg.global_norm(grads)
+        grad_norm = tf.linalg.global_norm(grads) / scale
         optimizer.apply_gradients(zip(grads, variables),
                                   skip_gradients_aggregation=True)
         return loss, grad_norm

@@ -50,7 +50,7 @@ class TransformerLM(tf.Module):
         mlp_ratio: hidden width of the MLP as a multiple of d_model.
         seed: initialisation seed.
         compute_dtype: the dtype of the forward pass unless a call says
-            otherwise ("float32" or "bfloat16").
+            otherwise ("float32", "bfloat16" or "float16").
     """
 
     def __init__(self, *, vocab_size, seq_len, d_model, num_layers,

@@ -64,8 +64,9 @@ class TaskContext:
 
     Attributes:
         seed: `task.seed`, for initial values and data order.
-        compute_dtype: `runtime.mixed_precision_dtype`, "float32" or
-            "bfloat16": the dtype to compute in (variables stay float32).
+        compute_dtype: `runtime.mixed_precision_dtype`, "float32",
+            "bfloat16" or "float16": the dtype to compute in (variables
+            stay float32).
     """
     seed: int
     compute_dtype: str
