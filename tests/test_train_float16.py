@@ -172,3 +172,29 @@ def test_the_float16_config_loads_and_names_its_choices():
 def test_bad_loss_scale_keys_are_one_line_errors(override, key):
     with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
         config_lib.load(os.path.join(CONFIGS, "cpu_local.yaml"), override)
+
+
+def test_the_training_savedmodel_scales_its_loss(tmp_path):
+    """The exported `train_step` scales the loss by the dynamic scale it
+    carries: a loaded model's next step is the trainer's next step."""
+    override = ("runtime.mixed_precision_dtype=float16,"
+                "task.optimizer.loss_scale=dynamic,"
+                "task.optimizer.end_learning_rate_ratio=1.0,"
+                "task.optimizer.initial_scale=1024")
+    longer = _train(tmp_path, "longer", override + ",trainer.train_steps=11")
+    result = _train(tmp_path, "run", override + (
+        ",trainer.export_saved_models=true,trainer.train_steps=10"))
+    loaded = tf.saved_model.load(result.exports["training_dir"])
+    task = DecoderTask(type("Context", (), {"seed": 0,
+                                            "compute_dtype": "float16"}))
+    # Batch 10 is the trainer's 11th step.
+    out = loaded.train_step(*task._batch(tf.constant(10, tf.int64), 256))
+    np.testing.assert_allclose(out["loss"].numpy(),
+                               longer.history[-1]["loss"], rtol=1e-6)
+    reader = tf.train.load_checkpoint(str(tmp_path / "longer" /
+                                          "checkpoints"))
+    [key] = [k for k in reader.get_variable_to_shape_map()
+             if k.endswith("out/.ATTRIBUTES/VARIABLE_VALUE")
+             and "optimizer" not in k]
+    np.testing.assert_allclose(loaded.model.out.numpy(),
+                               reader.get_tensor(key), rtol=1e-5, atol=1e-9)

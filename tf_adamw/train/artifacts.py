@@ -64,14 +64,20 @@ class TrainingModule(tf.Module):
 
     def _train_step(self, inputs, targets):
         variables = list(self.model.trainable_variables)
+        # The loss scale as the trainer applies it (1 without one; with
+        # `loss_scale: dynamic` the SavedModel carries the scale variable).
+        scale = tf.convert_to_tensor(self.optimizer.scale_loss(1.0),
+                                     tf.float32)
         with tf.GradientTape() as tape:
             losses = tf.cast(self._loss(
                 targets, self.model(inputs, training=True)), tf.float32)
             loss = tf.reduce_sum(losses) / tf.cast(tf.size(losses),
                                                    tf.float32)
-        grads = tape.gradient(loss, variables)
+            scaled_loss = loss * scale
+        grads = tape.gradient(scaled_loss, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
-        return {"loss": loss, "grad_norm": tf.linalg.global_norm(grads)}
+        return {"loss": loss,
+                "grad_norm": tf.linalg.global_norm(grads) / scale}
 
 
 class DefaultServingModule(tf.Module):
