@@ -120,7 +120,7 @@ def on_every_replica(strategy, grads, step, extra, *, anchor, targets,
         aggregate: sum replica-context gradients across replicas.
     """
     indices = [i for i, g in enumerate(grads) if g is not None]
-    present = []
+    present, bad = [], _bad_sparse_gradients(grads, targets)
     for i in indices:
         g = grads[i]
         if not is_distributed(g):
@@ -144,7 +144,13 @@ def on_every_replica(strategy, grads, step, extra, *, anchor, targets,
                                  args=(present, extra))
         return
     if aggregate:
-        present = all_reduce_sum(tf.distribute.get_replica_context(), present)
+        # The count of bad sparse gradients rides in the same all-reduce.
+        present = all_reduce_sum(tf.distribute.get_replica_context(),
+                                 present + ([] if bad is None else [bad]))
+        if bad is not None:
+            bad = present.pop()
+    if bad is not None:
+        extra = dict(extra, **{SPARSE_INDICES_VALID: tf.equal(bad, 0.0)})
 
     def update_every_replica(strategy, present_grads, extra):
         return strategy.extended.update(
@@ -153,6 +159,34 @@ def on_every_replica(strategy, grads, step, extra, *, anchor, targets,
 
     tf.__internal__.distribute.interim.maybe_merge_call(
         update_every_replica, strategy, present, extra)
+
+
+# The key of `extra` under which `on_every_replica` hands the step whether
+# every replica's sparse gradients had their indices in range.
+SPARSE_INDICES_VALID = "sparse_indices_valid"
+
+
+def _bad_sparse_gradients(grads, targets):
+    """In a graph, a float32 scalar: how many of this replica's sparse
+    gradients have an index outside their variable's rows (None eagerly or
+    without sparse gradients).
+
+    `densify` drops such indices, so the step, which only sees the summed
+    dense gradients, could not tell. Outside XLA the assertion of
+    `state.checked_slices` has already failed the call; inside XLA (a TPU
+    replica) assertions compile to nothing, and the step skips the call
+    on this count instead (`pipeline.run`'s `valid`), on every replica
+    alike since the count is summed with the gradients.
+    """
+    if tf.executing_eagerly():
+        return None
+    checks = [update.indices_in_range(g.indices, targets[i].shape[0])
+              for i, g in enumerate(grads)
+              if isinstance(g, tf.IndexedSlices)]
+    if not checks:
+        return None
+    return tf.reduce_sum(tf.cast(tf.logical_not(tf.stack(checks)),
+                                 tf.float32))
 
 
 def strategy_for_build(init_strategy):

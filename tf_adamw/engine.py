@@ -257,16 +257,19 @@ class Engine:
 
     def replica_step(self, grads, external, fused):
         """One replica's step (`pipeline.run`) against its own copies."""
-        if _OVERWRITES in external:
+        valid = None
+        if _OVERWRITES in external or (
+                distribute.SPARSE_INDICES_VALID in external):
             external = dict(external)
+            valid = external.pop(distribute.SPARSE_INDICES_VALID, None)
             grads = list(grads)
-            for i, value in external.pop(_OVERWRITES).items():
+            for i, value in external.pop(_OVERWRITES, {}).items():
                 grads[i] = value
         return pipeline.run(pipeline.Step(
             options=self.options, table=self.table, state=self.local_state(),
             fused=fused, slot_tables=self.slot_tables,
             scalars=lambda iterations, dtype: self.runner.scalars(
-                iterations, external, dtype)), grads)
+                iterations, external, dtype)), grads, valid)
 
     def step_scalars(self, iterations, external, dtype):
         """The step's scalars in `dtype`, at `iterations` (a local copy)."""

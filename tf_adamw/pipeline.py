@@ -83,18 +83,20 @@ def _regular(step, grads):
     return {i: g for i, g in grads.items() if i not in step.table.overwrites}
 
 
-def run(step, grads):
+def run(step, grads, replicas_valid=None):
     """The whole step on `grads` (aligned with the built variables, None
     where a variable has no gradient). Returns `iterations` after it (None
     when eager: the caller returns the variable, and an eager op costs
-    ~30 us).
+    ~30 us). `replicas_valid`: under a strategy, whether every replica's
+    sparse gradients had valid indices before they were summed
+    (`distribute.on_every_replica`), or None.
 
     Nothing is written until every gradient and the step's scalars are
     computed: a call that fails (a gradient check of
     `state.checked_gradient`, a schedule's assertion) changes nothing.
     Eagerly that is program order; in a graph every write waits for them.
     """
-    valid = sparse_indices_valid(step, grads)
+    valid = sparse_indices_valid(step, grads, replicas_valid)
     grads = unscale(step, in_compute_dtype(step, grads))
     scalars, evaluation = evaluate_scalars(step, grads)
     with tf.control_dependencies(_before_writes(grads, evaluation)):
@@ -117,10 +119,11 @@ def _before_writes(grads, evaluation):
     return [tf.group(*grads.values(), *evaluation)]
 
 
-def sparse_indices_valid(step, grads):
+def sparse_indices_valid(step, grads, replicas_valid=None):
     """For a traced step of TF ops (the xla and ops kinds), a scalar bool:
-    every sparse gradient's indices are in `[0, rows)`; None for the fused
-    kernel, eagerly, or without sparse gradients.
+    every sparse gradient's indices are in `[0, rows)` (here, and on every
+    replica when `replicas_valid` is given); None for the fused kernel,
+    eagerly, or without sparse gradients.
 
     Inside XLA the assertion of `state.checked_slices` compiles to nothing,
     out-of-range indices are dropped when XLA scatters, and nothing can
@@ -136,6 +139,8 @@ def sparse_indices_valid(step, grads):
     checks = [update.indices_in_range(g.indices,
                                       step.state.variables[i].shape[0])
               for i, g in enumerate(grads) if isinstance(g, tf.IndexedSlices)]
+    if replicas_valid is not None:
+        checks.append(replicas_valid)
     if not checks:
         return None
     return tf.reduce_all(tf.stack(checks))
