@@ -18,6 +18,7 @@ This file doubles as the script the new process runs (see `_resume_main`).
 import json
 import warnings
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,6 +30,8 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_adamw  # noqa: E402
+# To read what the slot guard records in a checkpoint's object graph.
+from tensorflow.core.protobuf import trackable_object_graph_pb2  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -682,3 +685,148 @@ def test_restore_latest_good_refuses_a_checkpoint_of_more_variables(
                        "optimizer is built with 1"):
         tf_adamw.restore_latest_good(tf.train.Checkpoint(opt=opt), directory)
     assert int(opt.iterations.numpy()) == 0
+
+
+# ----------------------------------------------------------------------------
+# A plain `tf.train.Checkpoint.restore` into a built optimizer: the slot guard
+# (tf_adamw/slot_guard.py) refuses other variables' slots before anything,
+# the model's variables included, is assigned.
+
+
+def _save_plain(tmp_path, **kwargs):
+    """`tf.train.Checkpoint(opt=..., x=..., y=...).save` of `_two_trained`
+    (with one variable when `names` has one)."""
+    variables, opt = _two_trained(**kwargs)
+    named = {v.name.split(":")[0]: v for v in variables}
+    return tf.train.Checkpoint(opt=opt, **named).save(str(tmp_path / "plain"))
+
+
+def _slot_guard_record(path, optimizer_key):
+    """What the slot guard of the optimizer at `optimizer_key` recorded in
+    the checkpoint at `path`: the name of its one child, in the object
+    graph (no tensor). None when there is no guard."""
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(tf.train.load_checkpoint(path).get_tensor(
+        "_CHECKPOINTABLE_OBJECT_GRAPH"))
+    node = graph.nodes[0]
+    for name in (optimizer_key, "_slot_guard"):
+        ids = [c.node_id for c in node.children if c.local_name == name]
+        if not ids:
+            return None
+        node = graph.nodes[ids[0]]
+    [record] = node.children
+    return json.loads(record.local_name)
+
+
+def _assert_refused_unchanged(path, opt, variables, match):
+    """A plain restore of `path` into `opt` and `variables` raises a
+    `ValueError` matching `match`; no value of either changed."""
+    before = _all_values(opt, variables)
+    named = {v.name.split(":")[0]: v for v in variables}
+    with pytest.raises(ValueError, match=match):
+        tf.train.Checkpoint(opt=opt, **named).restore(path)
+    after = _all_values(opt, variables)
+    assert len(after) == len(before)
+    for got, want in zip(after, before):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("replicas", [1, 4])
+def test_plain_restore_into_a_built_optimizer_refuses_another_order(
+        tmp_path, replicas, mirrored_strategy):
+    """Built with the same variables in another order: an error naming
+    both, and neither the optimizer (slots, counters, hyperparameters) nor
+    the model's variables change."""
+    path = _save_plain(tmp_path)
+    strategy = (mirrored_strategy if replicas == 4
+                else tf.distribute.get_strategy())
+    with strategy.scope():
+        x = tf.Variable(np.zeros(3, np.float32), name="x")
+        y = tf.Variable(np.zeros(3, np.float32), name="y")
+        opt = tf_adamw.AdamW()
+        opt.build([y, x])
+    _assert_refused_unchanged(
+        path, opt, [x, y],
+        r"another order: momentum slot 0 is 'adamw/x_momentum' in the "
+        r"checkpoint but 'adamw/y_momentum' here")
+    assert int(opt.iterations.numpy()) == 0
+
+
+@pytest.mark.parametrize("case, match", [
+    ("more", "momentum slots for 2 variables but this optimizer is built "
+             "with 1"),
+    ("fewer", "momentum slots for 1 variables but this optimizer is built "
+              "with 2"),
+    ("shape", r"momentum slot 1 has shape \[3\] in the checkpoint "
+              r"\('adamw/y_momentum'\) but \[4\] here"),
+    ("amsgrad_into_adam", r"slots \['momentum', 'velocity', "
+                          r"'velocity_hat'\] but this optimizer keeps "
+                          r"\['momentum', 'velocity'\]"),
+    ("adam_into_amsgrad", r"slots \['momentum', 'velocity'\] but this "
+                          r"optimizer keeps \['momentum', 'velocity', "
+                          r"'velocity_hat'\]"),
+])
+def test_plain_restore_into_a_built_optimizer_refuses_other_slots(
+        tmp_path, case, match):
+    """A checkpoint of more or fewer variables, of other shapes, or with
+    other slot kinds (AMSGrad either way): refused, nothing changes."""
+    saved = {"fewer": dict(names=("x",), shapes=((3,),)),
+             "amsgrad_into_adam": dict(amsgrad=True)}.get(case, {})
+    path = _save_plain(tmp_path, **saved)
+    x = tf.Variable(np.zeros(3, np.float32), name="x")
+    y = tf.Variable(np.zeros(4 if case == "shape" else 3, np.float32),
+                    name="y")
+    opt = tf_adamw.AdamW(amsgrad=case == "adam_into_amsgrad")
+    variables = [x] if case == "more" else [x, y]
+    opt.build(variables)
+    _assert_refused_unchanged(path, opt, variables, match)
+
+
+@pytest.mark.parametrize("names", [("x", "y"), ("a", "b")],
+                         ids=["same_names", "renamed"])
+def test_plain_restore_into_a_built_optimizer_with_the_same_variables(
+        tmp_path, names):
+    """The checkpoint records its slots' variables (adding no tensor);
+    built with the same variables, a plain restore gives every value back
+    exactly. Variable names do not matter (only another order of the same
+    names is refused)."""
+    path = _save_plain(tmp_path)
+    assert _slot_guard_record(path, "opt")["slots"] == {
+        "momentum": [["adamw/x_momentum", [3]], ["adamw/y_momentum", [3]]],
+        "velocity": [["adamw/x_velocity", [3]], ["adamw/y_velocity", [3]]]}
+    x, y = (tf.Variable(np.zeros(3, np.float32), name=n) for n in names)
+    opt = tf_adamw.AdamW()
+    opt.build([x, y])
+    tf.train.Checkpoint(opt=opt, x=x, y=y).restore(path).assert_consumed()
+    saved_variables, saved = _two_trained()
+    got, want = _all_values(opt, [x, y]), _all_values(saved, saved_variables)
+    assert len(got) == len(want) == 2 + 6 + 4
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_golden_checkpoint_without_a_slot_guard_still_restores(golden,
+                                                               tmp_path):
+    """A checkpoint written before the slot guard restores into a built
+    optimizer as before, plainly and by `restore_latest_good`; the next save
+    adds the guard's record (no key), naming the slots' variables."""
+    assert _slot_guard_record(GOLDEN_PREFIX, "optimizer") is None
+    for resume in ("plain", "restore_latest_good"):
+        model = _golden_model(golden)
+        opt = tf_adamw.AdamW(**golden["config"])
+        opt.build([model.kernel, model.bias])
+        ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
+        if resume == "plain":
+            ckpt.restore(GOLDEN_PREFIX).assert_consumed()
+        else:
+            directory = str(tmp_path / "golden")
+            shutil.copytree(GOLDEN, directory)
+            prefix = os.path.join(directory, "ckpt-1")
+            tf.compat.v1.train.update_checkpoint_state(directory, prefix)
+            assert tf_adamw.restore_latest_good(ckpt, directory) == prefix
+        _check_golden_values(model, opt, golden["expected"])
+    path = ckpt.save(str(tmp_path / "upgraded"))
+    assert _keys(path) == [(k, s) for k, s in PINNED_KEYS]
+    record = _slot_guard_record(path, "optimizer")
+    assert [name for name, _ in record["slots"]["momentum"]] == [
+        "adamw/dense_kernel_momentum", "adamw/dense_bias_momentum"]

@@ -30,6 +30,7 @@ from tf_adamw import engine as engine_lib
 from tf_adamw import hyperparameters
 from tf_adamw import options as options_lib
 from tf_adamw import schedules
+from tf_adamw import slot_guard
 from tf_adamw import state as state_lib
 from tf_adamw import step_kinds
 
@@ -150,6 +151,10 @@ class AdamW(tf.Module, attributes.Attributes):
         self._velocity_hats = []
         self._averages = []
         self._accumulators = []
+        # In checkpoints only (`_trackable_children`): which variables the
+        # slots belong to; refuses other variables' slots on restore.
+        self._slot_guard = self._no_dependency(
+            slot_guard.SlotGuard(self._slot_lists()))
         self._engine = engine_lib.Engine(
             self._options, self._counters(), self._slot_lists(),
             self._hyperparameter_values, own, given)
@@ -163,10 +168,18 @@ class AdamW(tf.Module, attributes.Attributes):
         if save_type == "checkpoint":
             # Guards, not the variables: see hyperparameters.CheckpointGuard.
             children.update(self._guards())
+            guard = self.__dict__.get("_slot_guard")  # None in __init__
+            if guard is not None:
+                # First: checked before the slot lists are walked
+                # (see tf_adamw/slot_guard.py).
+                children = {slot_guard.CHILD_NAME: guard, **children}
         return children
 
     def _lookup_dependency(self, name, cached_dependencies=None):
-        guard = self._guards().get(name)
+        if name == slot_guard.CHILD_NAME:
+            guard = self.__dict__.get("_slot_guard")
+        else:
+            guard = self._guards().get(name)
         if guard is not None:
             return guard
         return super()._lookup_dependency(name, cached_dependencies)
