@@ -609,12 +609,9 @@ def _all_values(opt, variables):
             for c in getattr(v, "values", (v,))]
 
 
-@pytest.mark.parametrize("replicas", [1, 4])
-def test_restore_latest_good_refuses_variables_in_another_order(
-        tmp_path, replicas, mirrored_strategy):
-    """Same variables, built in another order (as renaming a `tf.Module`
-    attribute does): an error naming both, and nothing changes."""
-    directory, _ = _save_two(tmp_path)
+def _built_in_reverse(replicas, mirrored_strategy):
+    """Variables x and y, and an optimizer built with `[y, x]` on 1 device
+    or 4 replicas."""
     strategy = (mirrored_strategy if replicas == 4
                 else tf.distribute.get_strategy())
     with strategy.scope():
@@ -622,6 +619,16 @@ def test_restore_latest_good_refuses_variables_in_another_order(
         y = tf.Variable(np.zeros(3, np.float32), name="y")
         opt = tf_adamw.AdamW()
         opt.build([y, x])
+    return x, y, opt
+
+
+@pytest.mark.parametrize("replicas", [1, 4])
+def test_restore_latest_good_refuses_variables_in_another_order(
+        tmp_path, replicas, mirrored_strategy):
+    """Same variables, built in another order (as renaming a `tf.Module`
+    attribute does): an error naming both, and nothing changes."""
+    directory, _ = _save_two(tmp_path)
+    x, y, opt = _built_in_reverse(replicas, mirrored_strategy)
     before = _all_values(opt, [x, y])
     with pytest.raises(ValueError, match=r"another order: momentum slot 0 is "
                        r"'adamw/x_momentum' in the checkpoint but "
@@ -738,13 +745,7 @@ def test_plain_restore_into_a_built_optimizer_refuses_another_order(
     both, and neither the optimizer (slots, counters, hyperparameters) nor
     the model's variables change."""
     path = _save_plain(tmp_path)
-    strategy = (mirrored_strategy if replicas == 4
-                else tf.distribute.get_strategy())
-    with strategy.scope():
-        x = tf.Variable(np.zeros(3, np.float32), name="x")
-        y = tf.Variable(np.zeros(3, np.float32), name="y")
-        opt = tf_adamw.AdamW()
-        opt.build([y, x])
+    x, y, opt = _built_in_reverse(replicas, mirrored_strategy)
     _assert_refused_unchanged(
         path, opt, [x, y],
         r"another order: momentum slot 0 is 'adamw/x_momentum' in the "

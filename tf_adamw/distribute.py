@@ -120,14 +120,9 @@ def on_every_replica(strategy, grads, step, extra, *, anchor, targets,
         aggregate: sum replica-context gradients across replicas.
     """
     indices = [i for i, g in enumerate(grads) if g is not None]
-    present, bad = [], _bad_sparse_gradients(grads, targets)
-    for i in indices:
-        g = grads[i]
-        if not is_distributed(g):
-            # Reduce (and copy between devices) in the compute dtype.
-            g = tf.cast(update.densify(g, targets[i].shape),
-                        compute_dtypes[i])
-        present.append(g)
+    bad = _bad_sparse_gradients(grads, targets)
+    present = [_to_reduce(grads[i], targets[i], compute_dtypes[i])
+               for i in indices]
 
     def run_on_this_replica(_, present_grads, extra):
         full = [None] * len(grads)
@@ -159,6 +154,15 @@ def on_every_replica(strategy, grads, step, extra, *, anchor, targets,
 
     tf.__internal__.distribute.interim.maybe_merge_call(
         update_every_replica, strategy, present, extra)
+
+
+def _to_reduce(grad, target, compute_dtype):
+    """`grad` as it is all-reduced: dense, in the compute dtype (so the
+    reduction and the copies between devices are in it); per-replica
+    values as they are."""
+    if is_distributed(grad):
+        return grad
+    return tf.cast(update.densify(grad, target.shape), compute_dtype)
 
 
 # The key of `extra` under which `on_every_replica` hands the step whether

@@ -33,6 +33,7 @@ from tf_adamw import schedules
 from tf_adamw import slot_guard
 from tf_adamw import state as state_lib
 from tf_adamw import step_kinds
+from tf_adamw import update
 
 # The public methods a user's `tf.function` calls. Autograph would otherwise
 # re-compile their source (and all they call) on every trace: 7 s of a 12 s
@@ -125,19 +126,9 @@ class AdamW(tf.Module, attributes.Attributes):
         # Made now: counters and hyperparameters. They are variables so that
         # changing them never retraces the step.
         with tf.init_scope():
-            self._iterations = state_lib.counter(name, "iteration")
-            if self._options.gradient_accumulation_steps:
-                self._accumulation_count = state_lib.counter(
-                    name, "accumulation_count")
-            if self._options.skip_nonfinite_gradients:
-                self._skipped_steps = state_lib.counter(name, "skipped_steps")
-            if self._options.dynamic_loss_scale:
-                # Keras LossScaleOptimizer's variable names.
-                self._dynamic_scale = state_lib.counter(
-                    name, "dynamic_scale", self._options.initial_scale,
-                    tf.float32)
-                self._scale_step_counter = state_lib.counter(
-                    name, "step_counter")
+            for attribute, counter in state_lib.create_counters(
+                    self._options).items():
+                setattr(self, attribute, counter)
             values = (learning_rate, weight_decay, beta_1, beta_2, epsilon)
             for hyper, value in zip(hyperparameters.NAMES, values):
                 variable, number = hyperparameters.create(name, hyper, value)
@@ -166,28 +157,30 @@ class AdamW(tf.Module, attributes.Attributes):
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         children = super()._trackable_children(save_type, **kwargs)
         if save_type == "checkpoint":
-            # Guards, not the variables: see hyperparameters.CheckpointGuard.
-            children.update(self._guards())
-            guard = self.__dict__.get("_slot_guard")  # None in __init__
-            if guard is not None:
-                # First: checked before the slot lists are walked
-                # (see tf_adamw/slot_guard.py).
-                children = {slot_guard.CHILD_NAME: guard, **children}
+            # The slot guard first: checked before the slot lists are walked
+            # (tf_adamw/slot_guard.py). Hyperparameter guards replace their
+            # variables (hyperparameters.CheckpointGuard).
+            guards = self._checkpoint_guards()
+            if guards:
+                first = {slot_guard.CHILD_NAME: guards.pop(
+                    slot_guard.CHILD_NAME)}
+                children = {**first, **children, **guards}
         return children
 
     def _lookup_dependency(self, name, cached_dependencies=None):
-        if name == slot_guard.CHILD_NAME:
-            guard = self.__dict__.get("_slot_guard")
-        else:
-            guard = self._guards().get(name)
+        guard = self._checkpoint_guards().get(name)
         if guard is not None:
             return guard
         return super()._lookup_dependency(name, cached_dependencies)
 
-    def _guards(self):
-        # Empty while __init__ runs (tracking calls in before the engine).
+    def _checkpoint_guards(self):
+        # What checkpoints hold beside or instead of the tracked state:
+        # `{key: guard}`; empty while __init__ runs (tracking calls in
+        # before the engine).
         engine = self.__dict__.get("_engine")
-        return engine.guards if engine is not None else {}
+        if engine is None:
+            return {}
+        return {slot_guard.CHILD_NAME: self._slot_guard, **engine.guards}
 
     # ------------------------------------------------------------------
     # Copies: the arguments, exclusions and, once built, the state and the
@@ -290,15 +283,9 @@ class AdamW(tf.Module, attributes.Attributes):
                 for kind, attribute in state_lib.SLOT_ATTRIBUTES.items()}
 
     def _counters(self):
-        options = self._options
-        dynamic = options.dynamic_loss_scale
-        return (self._iterations,
-                self._accumulation_count
-                if options.gradient_accumulation_steps else None,
-                self._skipped_steps
-                if options.skip_nonfinite_gradients else None,
-                self._dynamic_scale if dynamic else None,
-                self._scale_step_counter if dynamic else None)
+        # In `state.COUNTERS`' order, None for one not in use.
+        return tuple(self.__dict__.get(attribute)
+                     for attribute in state_lib.COUNTERS)
 
     def _hyperparameter_values(self):
         return {name: getattr(self, "_" + name)
@@ -456,15 +443,8 @@ class AdamW(tf.Module, attributes.Attributes):
             `loss`'s dtype.
         """
         if self._options.dynamic_loss_scale:
-            loss = tf.convert_to_tensor(loss)
-            if loss.dtype in (tf.float16, tf.bfloat16):
-                loss = tf.cast(loss, tf.float32)
-            return loss * tf.cast(self._dynamic_scale, loss.dtype)
-        factor = self._options.loss_scale_factor
-        if factor is None:
-            return loss
-        loss = tf.convert_to_tensor(loss)
-        return loss * tf.cast(factor, loss.dtype)
+            return update.scale_loss(loss, self._dynamic_scale, promote=True)
+        return update.scale_loss(loss, self._options.loss_scale_factor)
 
     @_not_converted
     def finalize_variable_values(self, var_list):

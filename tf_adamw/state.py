@@ -98,6 +98,36 @@ def counter(prefix, name, initial_value=0, dtype=tf.int64):
                        aggregation=tf.VariableAggregation.NONE)
 
 
+# The optimizer's counters: tracked attribute (its checkpoint key) ->
+# `(variable name, in use for these options, initial value, dtype)`. The
+# dynamic loss scale's names are Keras LossScaleOptimizer's.
+COUNTERS = {
+    "_iterations": ("iteration", lambda o: True, 0, tf.int64),
+    "_accumulation_count": (
+        "accumulation_count", lambda o: bool(o.gradient_accumulation_steps),
+        0, tf.int64),
+    "_skipped_steps": (
+        "skipped_steps", lambda o: o.skip_nonfinite_gradients, 0, tf.int64),
+    "_dynamic_scale": (
+        "dynamic_scale", lambda o: o.dynamic_loss_scale,
+        lambda o: o.initial_scale, tf.float32),
+    "_scale_step_counter": (
+        "step_counter", lambda o: o.dynamic_loss_scale, 0, tf.int64),
+}
+
+
+def create_counters(options):
+    """`{attribute: variable}` of the counters `options` use (`COUNTERS`),
+    created where the caller's scope says."""
+    out = {}
+    for attribute, (name, in_use, initial, dtype) in COUNTERS.items():
+        if in_use(options):
+            out[attribute] = counter(
+                options.name, name,
+                initial(options) if callable(initial) else initial, dtype)
+    return out
+
+
 # ----------------------------------------------------------------------------
 # The model variables.
 

@@ -228,3 +228,22 @@ def ema_update(average, variable, ema_momentum, first_update):
         ema_momentum, average.dtype
     )
     return momentum * average + (1 - momentum) * variable
+
+
+def scale_loss(loss, scale, promote=False):
+    """`loss * scale` (`AdamW.scale_loss`); `loss` itself when `scale` is
+    None.
+
+    Args:
+        loss: a tensor, or a Python or NumPy number.
+        scale: a number, a float32 variable, or None.
+        promote: multiply a float16 or bfloat16 `loss` in float32 (and return
+            float32), as Keras's type promotion does: a dynamic scale of
+            2**16 or more overflows float16.
+    """
+    if scale is None:
+        return loss
+    loss = tf.convert_to_tensor(loss)
+    if promote and loss.dtype in (tf.float16, tf.bfloat16):
+        loss = tf.cast(loss, tf.float32)
+    return loss * tf.cast(scale, loss.dtype)
