@@ -112,18 +112,28 @@ def test_step_graph_holds_one_fused_op():
     assert "StatefulPartitionedCall" not in ops, ops
 
 
+# The stages the kernel takes over from per-variable ops: the global
+# clip's factor and the EMA (with the periodic overwrite after it).
+EMA_AND_CLIP = dict(use_ema=True, ema_momentum=0.9, global_clipnorm=1.0,
+                    ema_overwrite_frequency=3)
+
+
 @pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize("stages", [{}, EMA_AND_CLIP],
+                         ids=["bare", "ema_and_clip"])
 @pytest.mark.parametrize("dtype,amsgrad,sparse", [
     ("float32", False, False),
     ("float32", True, True),
     ("bfloat16", False, True),
     ("float16", True, False),
 ])
-def test_fused_equals_tf_ops_bit_for_bit(mode, dtype, amsgrad, sparse):
+def test_fused_equals_tf_ops_bit_for_bit(mode, stages, dtype, amsgrad,
+                                         sparse):
     """The kernel is the pipeline's own arithmetic, rounded identically."""
-    fused_opt, fused = _train(mode, dtype, sparse=sparse, amsgrad=amsgrad)
+    fused_opt, fused = _train(mode, dtype, sparse=sparse, amsgrad=amsgrad,
+                              **stages)
     ops_opt, ops = _train(mode, dtype, sparse=sparse, amsgrad=amsgrad,
-                          fused=False, jit_compile=False)
+                          fused=False, jit_compile=False, **stages)
     assert fused_opt.uses_fused_kernel and not ops_opt.uses_fused_kernel
     _assert_identical(fused, ops, f"{mode} {dtype} amsgrad={amsgrad}")
 

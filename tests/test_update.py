@@ -350,7 +350,8 @@ def test_adamw_update_on_every_replica(mirrored_strategy, mode):
 
 
 def _ema(average, variable, ema_momentum, first_update):
-    return update.ema_update(average, variable, ema_momentum, first_update)
+    return update.ema_update(average, variable, update.ema_momentum(
+        ema_momentum, first_update, average.dtype))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -153,7 +153,8 @@ class Engine:
             with tf.init_scope():
                 self.slot_tables = state_lib.slot_tables(
                     self.slot_lists["momentum"], self.slot_lists["velocity"],
-                    self.slot_lists["velocity_hat"])
+                    self.slot_lists["velocity_hat"],
+                    self.slot_lists["average"])
 
     def turn(self):
         """A context in which this optimizer's state is this call's alone.

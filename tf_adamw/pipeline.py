@@ -314,9 +314,13 @@ def apply_update(step, grads, scalars, norm=None):
     """
     grads = overwrite_with_gradient(step, grads)
     if grads:
-        grads = clip(step, grads, norm)
-        new_values = decay_and_adam(step, grads, scalars)
-        moving_average(step, new_values)
+        grads, grad_scale = clip(step, grads, norm)
+        new_values, kernel = decay_and_adam(step, grads, scalars, grad_scale)
+        # The kernel writes the averages of its variables through the slot
+        # table, out of TF's sight: what reads them next waits for it.
+        with tf.control_dependencies([] if kernel is None else [kernel]):
+            moving_average(step, new_values,
+                           in_kernel=set(grads) if step.fused else ())
         constrain(step, grads)
     step.state.iterations.assign_add(1, read_value=False)  # step 10
 
@@ -334,35 +338,58 @@ def overwrite_with_gradient(step, grads):
 
 def clip(step, grads, norm=None):
     """Step 5: the clipping rule of the options, if any (`norm`: the
-    global norm of `grads` if known)."""
+    global norm of `grads` if known).
+
+    Returns:
+        `(grads, grad_scale)`: the fused kernel multiplies by the global
+        clip's factor itself (`grad_scale`, one scalar, no op per
+        variable); otherwise `grads` are clipped here and `grad_scale` is
+        None.
+    """
     if not clips(step.options):
-        return grads
+        return grads, None
     order = sorted(grads)
-    clipped = update.clip([grads[i] for i in order],
-                          step.options.clip_rule(), norm)
-    return dict(zip(order, clipped))
+    rule = step.options.clip_rule()
+    if step.fused and rule[0] == "global_clipnorm":
+        if norm is None:
+            norm = update.global_norm([grads[i] for i in order])
+        return grads, update.global_clip_scale(norm, rule[1])
+    clipped = update.clip([grads[i] for i in order], rule, norm)
+    return dict(zip(order, clipped)), None
 
 
-def decay_and_adam(step, grads, scalars):
-    """Steps 6 and 7, with `scalars` of `evaluate_scalars`. Returns
-    `{index: new value}` where known without a read (the per-variable ops),
-    `{}` after the kernel."""
+def decay_and_adam(step, grads, scalars, grad_scale=None):
+    """Steps 6 and 7, with `scalars` of `evaluate_scalars` (and the fused
+    kernel's share of steps 5 and 8: `grad_scale` of `clip`, and the EMA of
+    its variables).
+
+    Returns:
+        `({index: new value} where known without a read (the per-variable
+        ops), the kernel's op or None)`: `({}, op)` after the kernel (None
+        when eager).
+    """
     order = sorted(grads)
-    if step.fused:
-        # Every variable in one kernel, one pass over memory
-        # (tf_adamw/cc/fused_adamw.cc does `update.adamw_update`'s math).
-        s = scalars[tf.float32]
-        kernels.fused_apply(
-            [step.state.variables[i] for i in order],
-            step.slot_tables[step.state.momentums[0].device], order,
-            [grads[i] for i in order], alpha=s["alpha"],
-            one_minus_beta_1=s["one_minus_beta_1"],
-            one_minus_beta_2=s["one_minus_beta_2"], epsilon=s["epsilon"],
-            decay=s["decay"],
-            use_decay=[step.table.use_decay[i] for i in order])
-        return {}
-    return {i: _decay_and_adam_one(step, i, grads[i], scalars)
-            for i in order}
+    if not step.fused:
+        return {i: _decay_and_adam_one(step, i, grads[i], scalars)
+                for i in order}, None
+    # Every variable in one kernel, one pass over memory
+    # (tf_adamw/cc/fused_adamw.cc does `update.adamw_update`'s math).
+    s = scalars[tf.float32]
+    ema = (None, None)
+    if averages(step.options):
+        ema = update.ema_momentum(step.options.ema_momentum,
+                                  tf.equal(step.state.iterations, 0),
+                                  tf.float32)
+    kernel = kernels.fused_apply(
+        [step.state.variables[i] for i in order],
+        step.slot_tables[step.state.momentums[0].device], order,
+        [grads[i] for i in order], alpha=s["alpha"],
+        one_minus_beta_1=s["one_minus_beta_1"],
+        one_minus_beta_2=s["one_minus_beta_2"], epsilon=s["epsilon"],
+        decay=s["decay"], use_decay=[step.table.use_decay[i] for i in order],
+        grad_scale=grad_scale, ema_momentum=ema[0],
+        ema_one_minus_momentum=ema[1])
+    return {}, kernel
 
 
 def _decay_and_adam_one(step, i, grad, scalars):
@@ -389,27 +416,34 @@ def _decay_and_adam_one(step, i, grad, scalars):
     return value
 
 
-def moving_average(step, new_values):
+def moving_average(step, new_values, in_kernel=()):
     """Step 8: the EMA of every built variable, then the periodic overwrite.
 
     Args:
         step: the `Step`.
         new_values: `{index: value}` of variables updated by TF ops this
             step; the others are read.
+        in_kernel: indices whose average the fused kernel moved.
     """
     if not averages(step.options):
         return
     st, options = step.state, step.options
-    first = tf.equal(st.iterations, 0)
     overwrites = step.table.overwrites
+    momentums = {}  # dtype -> update.ema_momentum
     for i, variable in enumerate(st.variables):
-        if i in overwrites:
-            continue  # not averaged (Keras keeps no average for it)
+        # An overwritten variable is not averaged (Keras keeps no average
+        # for it).
+        if i in overwrites or i in in_kernel:
+            continue
         current = new_values[i] if i in new_values else variable.read_value()
         average = st.averages[i]
+        if average.dtype not in momentums:
+            momentums[average.dtype] = update.ema_momentum(
+                options.ema_momentum, tf.equal(st.iterations, 0),
+                average.dtype)
         average.assign(update.ema_update(
-            average, tf.cast(current, average.dtype), options.ema_momentum,
-            first))
+            average, tf.cast(current, average.dtype),
+            momentums[average.dtype]))
     if options.ema_overwrite_frequency:
         due = tf.equal(
             (st.iterations + 1) % options.ema_overwrite_frequency, 0)

@@ -465,7 +465,7 @@ def write_averages(variables, averages):
         variable.assign(tf.cast(average, variable.dtype))
 
 
-def slot_tables(momentums, velocities, velocity_hats):
+def slot_tables(momentums, velocities, velocity_hats, averages=()):
     """The fused kernel's slot table for each device holding slots.
 
     The kernel reaches the slots through one table per device rather than
@@ -478,7 +478,8 @@ def slot_tables(momentums, velocities, velocity_hats):
     """
     per_device = {}
     for kind, slots in (("momentums", momentums), ("velocities", velocities),
-                        ("velocity_hats", velocity_hats)):
+                        ("velocity_hats", velocity_hats),
+                        ("averages", averages)):
         for slot in slots:
             for copy in distribute.copies(slot):
                 per_device.setdefault(copy.device, {}).setdefault(
@@ -488,5 +489,5 @@ def slot_tables(momentums, velocities, velocity_hats):
         with tf.device(device):
             tables[device] = kernels.slot_table(
                 kinds["momentums"], kinds["velocities"],
-                kinds.get("velocity_hats", []))
+                kinds.get("velocity_hats", []), kinds.get("averages", []))
     return tables

@@ -54,14 +54,24 @@ def indices_in_range(indices, rows):
 def sum_of_squares(grads):
     """The sum of `g * g` over every element of every tensor in `grads`.
 
-    Each tensor is summed in its own dtype and the sums are added in the
-    widest of those dtypes (`tf.add_n` refuses mixed dtypes: float32 and
-    float64 variables together). Non-finite when an element is NaN or Inf
+    The tensors of each dtype are summed together in that dtype and the
+    sums are added in the widest of those dtypes (`tf.add_n` refuses mixed
+    dtypes: float32 and float64 variables together). Non-finite when an element is NaN or Inf
     or when squares (or their sum) overflow: the global norm needs it
     finite, and so does the step (`v` holds `g * g`).
     """
-    sums = [tf.reduce_sum(tf.square(g)) for g in grads]
+    by_dtype = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    # One reduction per dtype over the concatenated gradients: one reshape
+    # per gradient instead of a square and a sum each (on 1,000 variables
+    # that is thousands of ops fewer to trace, optimise and compile).
+    sums = [tf.reduce_sum(tf.square(
+        tf.concat([tf.reshape(g, [-1]) for g in group], 0)
+        if len(group) > 1 else group[0])) for group in by_dtype.values()]
     widest = max((s.dtype for s in sums), key=lambda dtype: dtype.size)
+    if len(sums) == 1:
+        return sums[0]
     return tf.add_n([s if s.dtype == widest else tf.cast(s, widest)
                      for s in sums])
 
@@ -94,10 +104,17 @@ def clip_by_global_norm(grads, clipnorm, norm=None):
     """
     if norm is None:
         norm = global_norm(grads)
+    scale = global_clip_scale(norm, clipnorm)
+    return [g * tf.cast(scale, g.dtype) for g in grads], norm
+
+
+def global_clip_scale(norm, clipnorm):
+    """The factor `clip_by_global_norm` multiplies every gradient by (the
+    fused kernel takes it as an input): `min(1, clipnorm / norm)`, NaN for
+    a non-finite norm."""
     clipnorm = tf.cast(clipnorm, norm.dtype)
     scale_for_finite = clipnorm * tf.minimum(1.0 / norm, 1.0 / clipnorm)
-    scale = scale_for_finite + (norm - norm)
-    return [g * tf.cast(scale, g.dtype) for g in grads], norm
+    return scale_for_finite + (norm - norm)
 
 
 def clip_by_value(grad, clipvalue):
@@ -218,16 +235,22 @@ def adamw_update(
     return variable, momentum, velocity, velocity_hat
 
 
-def ema_update(average, variable, ema_momentum, first_update):
-    """The moving average after one applied update.
+def ema_momentum(ema_momentum_option, first_update, dtype):
+    """`(momentum, 1 - momentum)` of this applied update's EMA, in `dtype`.
 
-    On the first applied update the average becomes a copy of the variable
-    (Keras's rule: the momentum is zero on iteration 0).
+    On the first applied update the momentum is zero, so the average
+    becomes a copy of the variable (Keras's rule).
     """
-    momentum = tf.cast(tf.logical_not(first_update), average.dtype) * tf.cast(
-        ema_momentum, average.dtype
-    )
-    return momentum * average + (1 - momentum) * variable
+    momentum = tf.cast(tf.logical_not(first_update), dtype) * tf.cast(
+        ema_momentum_option, dtype)
+    return momentum, 1 - momentum
+
+
+def ema_update(average, variable, momentum):
+    """The moving average after one applied update, with `momentum` of
+    `ema_momentum` (the fused kernel does the same operations)."""
+    momentum, one_minus_momentum = momentum
+    return momentum * average + one_minus_momentum * variable
 
 
 def scale_loss(loss, scale, promote=False):

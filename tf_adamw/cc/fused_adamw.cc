@@ -56,15 +56,17 @@ REGISTER_OP("TfAdamwSlotTable")
     .Input("momentums: num_variables * resource")
     .Input("velocities: num_variables * resource")
     .Input("velocity_hats: num_velocity_hats * resource")
+    .Input("averages: num_averages * resource")
     .Output("table: resource")
     .Attr("num_variables: int >= 1")
     .Attr("num_velocity_hats: int >= 0")
+    .Attr("num_averages: int >= 0")
     .SetIsStateful()
     .SetShapeFn(::tensorflow::shape_inference::ScalarShape)
     .Doc(R"doc(
 A table of an optimizer's slot variables on one device, for TfAdamwFusedApply:
-one momentum and one velocity per variable, and a velocity hat (AMSGrad) or
-none (num_velocity_hats = 0).
+one momentum and one velocity per variable, a velocity hat (AMSGrad) or
+none (num_velocity_hats = 0), and an EMA average or none (num_averages = 0).
 )doc");
 
 REGISTER_OP("TfAdamwFusedApply")
@@ -76,6 +78,9 @@ REGISTER_OP("TfAdamwFusedApply")
     .Input("one_minus_beta_2: float")
     .Input("epsilon: float")
     .Input("decay: float")
+    .Input("grad_scale: float")
+    .Input("ema_momentum: float")
+    .Input("ema_one_minus_momentum: float")
     .Attr("num_variables: int >= 1")
     .Attr("use_decay: list(bool)")
     .Attr("slot_indices: list(int)")
@@ -85,11 +90,14 @@ REGISTER_OP("TfAdamwFusedApply")
 AdamW on a list of variables in one pass (tf_adamw's fused CPU step).
 
 Variable i's slots are entry slot_indices[i] of slot_table (a
-TfAdamwSlotTable; AMSGrad when it holds velocity hats). For each i:
+TfAdamwSlotTable; AMSGrad when it holds velocity hats). For each i, with
+g = gradient * grad_scale (1 without global clipping):
 if use_decay[i], variable -= variable * decay; then
 m += (g - m) * one_minus_beta_1; v += (g*g - v) * one_minus_beta_2;
 (AMSGrad) v_hat = max(v_hat, v); variable -= m * alpha / (sqrt(v or v_hat) +
-epsilon). Variables are float32, bfloat16 or float16 (updated in float32);
+epsilon); when the table holds averages, average = ema_momentum * average +
+ema_one_minus_momentum * variable (the new value, as stored). Variables are
+float32, bfloat16 or float16 (updated in float32);
 slots and gradients are float32, and gradient i has variable i's shape. All
 inputs are checked before any value changes.
 )doc");
@@ -100,10 +108,12 @@ class SlotTable : public ::tensorflow::ResourceBase {
   // without AMSGrad.
   SlotTable(std::vector<RefCountPtr<Var>> momentums,
             std::vector<RefCountPtr<Var>> velocities,
-            std::vector<RefCountPtr<Var>> velocity_hats)
+            std::vector<RefCountPtr<Var>> velocity_hats,
+            std::vector<RefCountPtr<Var>> averages)
       : momentums_(std::move(momentums)),
         velocities_(std::move(velocities)),
-        velocity_hats_(std::move(velocity_hats)) {}
+        velocity_hats_(std::move(velocity_hats)),
+        averages_(std::move(averages)) {}
 
   std::string DebugString() const override {
     return absl::StrCat("TfAdamwSlotTable of ", size(), " variables");
@@ -111,38 +121,52 @@ class SlotTable : public ::tensorflow::ResourceBase {
 
   int size() const { return static_cast<int>(momentums_.size()); }
   bool amsgrad() const { return !velocity_hats_.empty(); }
+  bool averaged() const { return !averages_.empty(); }
   Var* momentum(int i) const { return momentums_[i].get(); }
   Var* velocity(int i) const { return velocities_[i].get(); }
   Var* velocity_hat(int i) const { return velocity_hats_[i].get(); }
+  Var* average(int i) const { return averages_[i].get(); }
 
  private:
   const std::vector<RefCountPtr<Var>> momentums_;
   const std::vector<RefCountPtr<Var>> velocities_;
   const std::vector<RefCountPtr<Var>> velocity_hats_;
+  const std::vector<RefCountPtr<Var>> averages_;
 };
 
 class SlotTableOp : public OpKernel {
  public:
   explicit SlotTableOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_variables", &num_variables_));
-    int num_velocity_hats = 0;
-    OP_REQUIRES_OK(ctx,
-                   ctx->GetAttr("num_velocity_hats", &num_velocity_hats));
-    OP_REQUIRES(ctx,
-                num_velocity_hats == 0 || num_velocity_hats == num_variables_,
-                absl::InvalidArgumentError(
-                    "num_velocity_hats must be 0 or num_variables"));
+    for (const char* attr : {"num_velocity_hats", "num_averages"}) {
+      int count = 0;
+      OP_REQUIRES_OK(ctx, ctx->GetAttr(attr, &count));
+      OP_REQUIRES(ctx, count == 0 || count == num_variables_,
+                  absl::InvalidArgumentError(
+                      absl::StrCat(attr, " must be 0 or num_variables")));
+    }
   }
 
   void Compute(OpKernelContext* ctx) override {
-    std::vector<RefCountPtr<Var>> kinds[3];
-    for (int i = 0; i < ctx->num_inputs(); ++i) {
-      RefCountPtr<Var> slot;
-      OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
-                              ctx, ::tensorflow::HandleFromInput(ctx, i),
-                              &slot));
-      kinds[i / num_variables_].push_back(std::move(slot));
+    // Inputs in order: momentums, velocities, velocity hats, averages.
+    std::vector<RefCountPtr<Var>> kinds[4];
+    const char* names[] = {"momentums", "velocities", "velocity_hats",
+                           "averages"};
+    int start = 0;
+    for (int kind = 0; kind < 4; ++kind) {
+      int begin = 0, end = 0;
+      OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange(names[kind], &begin,
+                                                      &end));
+      for (int i = begin; i < end; ++i) {
+        RefCountPtr<Var> slot;
+        OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
+                                ctx, ::tensorflow::HandleFromInput(ctx, i),
+                                &slot));
+        kinds[kind].push_back(std::move(slot));
+      }
+      start = end;
     }
+    (void)start;
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {}, &out));
     // The handle owns the table: it is freed with the last tensor holding
@@ -150,7 +174,7 @@ class SlotTableOp : public OpKernel {
     out->scalar<::tensorflow::ResourceHandle>()() =
         ::tensorflow::ResourceHandle::MakeRefCountingHandle(
             new SlotTable(std::move(kinds[0]), std::move(kinds[1]),
-                          std::move(kinds[2])),
+                          std::move(kinds[2]), std::move(kinds[3])),
             ctx->device()->name());
   }
 
@@ -160,21 +184,26 @@ class SlotTableOp : public OpKernel {
 
 struct Scalars {
   float alpha, one_minus_beta_1, one_minus_beta_2, epsilon, decay;
+  float grad_scale, ema_momentum, ema_one_minus_momentum;
 };
 
-// Elements [begin, end) of one variable. The loop body is adamw_update.
+// Elements [begin, end) of one variable. The loop body is, operation by
+// operation, the global clip's `g * scale` (`update.clip_by_global_norm`),
+// `adamw_update` and, when `average` is not null, `update.ema_update` of
+// the value as stored.
 template <typename T, bool kAmsgrad>
 void UpdateRange(T* __restrict__ var, const float* __restrict__ grad,
                  float* __restrict__ m, float* __restrict__ v,
-                 float* __restrict__ v_hat, const Scalars& s, bool use_decay,
-                 int64_t begin, int64_t end) {
+                 float* __restrict__ v_hat, float* __restrict__ average,
+                 const Scalars& s, bool use_decay, int64_t begin,
+                 int64_t end) {
   const float decay = s.decay;
   for (int64_t j = begin; j < end; ++j) {
     float x = static_cast<float>(var[j]);
     // Not `x * 0` for excluded variables: that would turn an infinite x
     // into NaN where the reference leaves it alone.
     if (use_decay) x = x - x * decay;
-    const float g = grad[j];
+    const float g = grad[j] * s.grad_scale;
     const float new_m = m[j] + (g - m[j]) * s.one_minus_beta_1;
     const float new_v = v[j] + (g * g - v[j]) * s.one_minus_beta_2;
     m[j] = new_m;
@@ -185,7 +214,12 @@ void UpdateRange(T* __restrict__ var, const float* __restrict__ grad,
       v_hat[j] = denominator_v;
     }
     x = x - (new_m * s.alpha) / (std::sqrt(denominator_v) + s.epsilon);
-    var[j] = static_cast<T>(x);
+    const T stored = static_cast<T>(x);
+    var[j] = stored;
+    if (average != nullptr) {
+      average[j] = s.ema_momentum * average[j] +
+                   s.ema_one_minus_momentum * static_cast<float>(stored);
+    }
   }
 }
 
@@ -197,6 +231,7 @@ struct Job {
   float* m;
   float* v;
   float* v_hat;
+  float* average;  // null without an EMA
   bool use_decay;
   int64_t size;
 };
@@ -206,18 +241,19 @@ void RunRange(const Job& job, const Scalars& s, int64_t begin, int64_t end) {
   switch (job.dtype) {
     case ::tensorflow::DT_FLOAT:
       UpdateRange<float, kAmsgrad>(static_cast<float*>(job.var), job.grad,
-                                   job.m, job.v, job.v_hat, s, job.use_decay,
-                                   begin, end);
+                                   job.m, job.v, job.v_hat, job.average, s,
+                                   job.use_decay, begin, end);
       break;
     case ::tensorflow::DT_BFLOAT16:
       UpdateRange<::tensorflow::bfloat16, kAmsgrad>(
           static_cast<::tensorflow::bfloat16*>(job.var), job.grad, job.m,
-          job.v, job.v_hat, s, job.use_decay, begin, end);
+          job.v, job.v_hat, job.average, s, job.use_decay, begin, end);
       break;
     case ::tensorflow::DT_HALF:
       UpdateRange<Eigen::half, kAmsgrad>(static_cast<Eigen::half*>(job.var),
-                                         job.grad, job.m, job.v, job.v_hat, s,
-                                         job.use_decay, begin, end);
+                                         job.grad, job.m, job.v, job.v_hat,
+                                         job.average, s, job.use_decay, begin,
+                                         end);
       break;
     default:
       break;  // Rejected before any job runs.
@@ -246,8 +282,10 @@ class FusedApplyOp : public OpKernel {
 
     Scalars s;
     float* const fields[] = {&s.alpha, &s.one_minus_beta_1,
-                             &s.one_minus_beta_2, &s.epsilon, &s.decay};
-    for (int k = 0; k < 5; ++k) {
+                             &s.one_minus_beta_2, &s.epsilon, &s.decay,
+                             &s.grad_scale, &s.ema_momentum,
+                             &s.ema_one_minus_momentum};
+    for (int k = 0; k < 8; ++k) {
       const Tensor& t = ctx->input(scalars_start + k);
       OP_REQUIRES(ctx, ::tensorflow::TensorShapeUtils::IsScalar(t.shape()),
                   absl::InvalidArgumentError("hyperparameters must be scalars"));
@@ -259,6 +297,7 @@ class FusedApplyOp : public OpKernel {
                             ctx, ::tensorflow::HandleFromInput(ctx, n),
                             &table));
     const bool amsgrad = table->amsgrad();
+    const bool averaged = table->averaged();
     for (int i = 0; i < n; ++i) {
       OP_REQUIRES(ctx,
                   slot_indices_[i] >= 0 && slot_indices_[i] < table->size(),
@@ -278,13 +317,14 @@ class FusedApplyOp : public OpKernel {
                               &variables[i]));
     }
     std::vector<::tensorflow::mutex*> mutexes;
-    mutexes.reserve((amsgrad ? 4 : 3) * n);
+    mutexes.reserve((3 + amsgrad + averaged) * n);
     for (int i = 0; i < n; ++i) {
       const int k = slot_indices_[i];
       mutexes.push_back(variables[i]->mu());
       mutexes.push_back(table->momentum(k)->mu());
       mutexes.push_back(table->velocity(k)->mu());
       if (amsgrad) mutexes.push_back(table->velocity_hat(k)->mu());
+      if (averaged) mutexes.push_back(table->average(k)->mu());
     }
     std::sort(mutexes.begin(), mutexes.end());
     mutexes.erase(std::unique(mutexes.begin(), mutexes.end()), mutexes.end());
@@ -333,6 +373,12 @@ class FusedApplyOp : public OpKernel {
         OP_REQUIRES_OK(ctx, WritableSlot(ctx, table->velocity_hat(k),
                                          size, "velocity_hat", i, &slot));
         job.v_hat = static_cast<float*>(slot);
+      }
+      job.average = nullptr;
+      if (averaged) {
+        OP_REQUIRES_OK(ctx, WritableSlot(ctx, table->average(k), size,
+                                         "average", i, &slot));
+        job.average = static_cast<float*>(slot);
       }
     }
 
@@ -439,7 +485,10 @@ REGISTER_KERNEL_BUILDER(Name("TfAdamwFusedApply")
                             .HostMemory("one_minus_beta_1")
                             .HostMemory("one_minus_beta_2")
                             .HostMemory("epsilon")
-                            .HostMemory("decay"),
+                            .HostMemory("decay")
+                            .HostMemory("grad_scale")
+                            .HostMemory("ema_momentum")
+                            .HostMemory("ema_one_minus_momentum"),
                         FusedApplyOp);
 
 REGISTER_KERNEL_BUILDER(

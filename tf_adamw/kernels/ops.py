@@ -4,16 +4,20 @@ Each wrapper runs an op of the library `tf_adamw.kernels.loader` loads; it
 raises RuntimeError when the kernel is unavailable (check `load()` first).
 """
 
+import tensorflow as tf
+
 from tf_adamw.kernels import loader
 
 
-def slot_table(momentums, velocities, velocity_hats):
+def slot_table(momentums, velocities, velocity_hats, averages=()):
     """A `TfAdamwSlotTable`: one device's slots, for `fused_apply`.
 
     Args:
         momentums, velocities: float32 resource variables, one of each per
             model variable, on one device.
         velocity_hats: `[]`, or AMSGrad's maxima, one per model variable.
+        averages: `[]`, or the EMA averages, one per model variable: then
+            `fused_apply` also moves the averages.
 
     Returns:
         A scalar resource tensor on that device (make it eagerly, under
@@ -23,12 +27,14 @@ def slot_table(momentums, velocities, velocity_hats):
     return _loaded().tf_adamw_slot_table(
         momentums=[v.handle for v in momentums],
         velocities=[v.handle for v in velocities],
-        velocity_hats=[v.handle for v in velocity_hats])
+        velocity_hats=[v.handle for v in velocity_hats],
+        averages=[v.handle for v in averages])
 
 
 def fused_apply(variables, table, slot_indices, grads, *, alpha,
                 one_minus_beta_1, one_minus_beta_2, epsilon, decay,
-                use_decay):
+                use_decay, grad_scale=None, ema_momentum=None,
+                ema_one_minus_momentum=None):
     """Runs the fused op: one AdamW step for all `variables`.
 
     Args:
@@ -41,6 +47,11 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
         alpha, one_minus_beta_1, one_minus_beta_2, epsilon, decay: float32
             scalars as in `tf_adamw.update.adamw_update`.
         use_decay: list of bools, one per variable.
+        grad_scale: float32 scalar every gradient is multiplied by first
+            (the global clip's factor), or None for 1.
+        ema_momentum, ema_one_minus_momentum: float32 scalars of
+            `update.ema_update`, when the table holds averages (else
+            unused; None for 0 and 1).
 
     Returns:
         The op (graph mode) or None (eager).
@@ -49,7 +60,26 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
         variables=[v.handle for v in variables], slot_table=table,
         grads=grads, alpha=alpha, one_minus_beta_1=one_minus_beta_1,
         one_minus_beta_2=one_minus_beta_2, epsilon=epsilon, decay=decay,
+        grad_scale=_or_constant(grad_scale, 1.0),
+        ema_momentum=_or_constant(ema_momentum, 0.0),
+        ema_one_minus_momentum=_or_constant(ema_one_minus_momentum, 1.0),
         use_decay=list(use_decay), slot_indices=list(slot_indices))
+
+
+_EAGER_CONSTANTS = {}
+
+
+def _or_constant(value, default):
+    """`value`, or `default` as a float32 scalar: made once when eager (an
+    eager call converting a Python float costs microseconds per step)."""
+    if value is not None:
+        return value
+    if not tf.executing_eagerly():
+        return tf.constant(default, tf.float32)
+    if default not in _EAGER_CONSTANTS:
+        with tf.init_scope():
+            _EAGER_CONSTANTS[default] = tf.constant(default, tf.float32)
+    return _EAGER_CONSTANTS[default]
 
 
 def _loaded():
