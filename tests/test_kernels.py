@@ -118,6 +118,29 @@ EMA_AND_CLIP = dict(use_ema=True, ema_momentum=0.9, global_clipnorm=1.0,
                     ema_overwrite_frequency=3)
 
 
+def test_ema_clip_and_guard_add_no_op_per_variable():
+    """With the EMA, the global clip and the non-finite guard (issue #13):
+    no update op per variable and no conditional around the kernel; what
+    is left per variable is one reshape for the sum of squares."""
+    n = 50
+    variables = [tf.Variable(tf.zeros([3, 2])) for _ in range(n)]
+    opt = AdamW(use_ema=True, global_clipnorm=1.0,
+                skip_nonfinite_gradients=True)
+    opt.build(variables)
+    graph = tf.function(lambda grads: opt.apply(grads, variables)
+                        ).get_concrete_function(
+        [tf.TensorSpec([3, 2], tf.float32)] * n).graph
+    ops = [op.type for op in graph.get_operations()]
+    assert ops.count("TfAdamwFusedApply") == 1, ops
+    assert "If" not in ops and "StatelessIf" not in ops, ops
+    # The scalars' few reads and writes (counters, hyperparameters), none
+    # per variable.
+    for op_type in ("AssignVariableOp", "AssignAddVariableOp",
+                    "ReadVariableOp", "Mul", "Square"):
+        assert ops.count(op_type) < 10, (op_type, ops.count(op_type))
+    assert ops.count("Reshape") == n, ops
+
+
 @pytest.mark.parametrize("mode", ["eager", "function"])
 @pytest.mark.parametrize("stages", [{}, EMA_AND_CLIP],
                          ids=["bare", "ema_and_clip"])

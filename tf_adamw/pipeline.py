@@ -203,11 +203,13 @@ def unscale(step, grads):
             for i, g in grads.items()}
 
 
-def count_skipped(step):
+def count_skipped(step, where=None):
     """A skipped call only counts itself (in `skipped_steps`, when the
-    optimizer keeps it)."""
+    optimizer keeps it); `where`: a bool scalar, whether this call was
+    skipped (None: it was)."""
     if step.options.skip_nonfinite_gradients:
-        step.state.skipped_steps.assign_add(1)
+        step.state.skipped_steps.assign_add(
+            1 if where is None else tf.cast(where, tf.int64))
 
 
 def adjust_loss_scale(step, finite, applied):
@@ -262,11 +264,28 @@ def guard_and_apply(step, grads, scalars, valid=None):
         accumulate_or_apply(step, grads, scalars)
         adjust_loss_scale(step, finite, applied=None)
         return
-    applied = tf.cond(
-        checks[0] if len(checks) == 1 else tf.logical_and(*checks),
-        lambda: _done(accumulate_or_apply(step, grads, scalars, norm)),
-        lambda: _done(count_skipped(step), value=False))
+    applied = checks[0] if len(checks) == 1 else tf.logical_and(*checks)
+    if _kernel_predicates(step, grads):
+        apply_update(step, grads, scalars, norm, predicate=applied)
+        count_skipped(step, where=tf.logical_not(applied))
+    else:
+        applied = tf.cond(
+            applied,
+            lambda: _done(accumulate_or_apply(step, grads, scalars, norm)),
+            lambda: _done(count_skipped(step), value=False))
     adjust_loss_scale(step, finite, applied)
+
+
+def _kernel_predicates(step, grads):
+    """True when a guarded call can be one fused kernel told whether to
+    apply, instead of a conditional around the update: the kernel is the
+    only per-variable work (no accumulation, constraint or overwritten
+    variable, and every variable has a gradient, so the EMA is all in it).
+    A conditional with 1,000 variables' gradients as inputs costs more
+    than the update itself."""
+    return (step.fused and not accumulates(step.options)
+            and not step.table.overwrites and not step.table.constrained
+            and len(grads) == len(step.state.variables))
 
 
 def accumulate_or_apply(step, grads, scalars, norm=None):
@@ -306,23 +325,29 @@ def accumulate_or_apply(step, grads, scalars, norm=None):
     tf.cond(tf.equal(count + 1, k), apply_mean, add)
 
 
-def apply_update(step, grads, scalars, norm=None):
+def apply_update(step, grads, scalars, norm=None, predicate=None):
     """Steps 5-10 on the (mean) gradients `grads`: {index: tensor}.
 
     The overwritten variables are set first; the other stages run when
-    some other variable has a gradient (as in Keras).
+    some other variable has a gradient (as in Keras). `predicate`: for the
+    fused kernel only (`_kernel_predicates`), a bool scalar, whether the
+    update applies at all (None: it does).
     """
     grads = overwrite_with_gradient(step, grads)
     if grads:
         grads, grad_scale = clip(step, grads, norm)
-        new_values, kernel = decay_and_adam(step, grads, scalars, grad_scale)
+        new_values, kernel = decay_and_adam(step, grads, scalars, grad_scale,
+                                            predicate)
         # The kernel writes the averages of its variables through the slot
         # table, out of TF's sight: what reads them next waits for it.
         with tf.control_dependencies([] if kernel is None else [kernel]):
             moving_average(step, new_values,
-                           in_kernel=set(grads) if step.fused else ())
+                           in_kernel=set(grads) if step.fused else (),
+                           predicate=predicate)
         constrain(step, grads)
-    step.state.iterations.assign_add(1, read_value=False)  # step 10
+    step.state.iterations.assign_add(  # step 10
+        1 if predicate is None else tf.cast(predicate, tf.int64),
+        read_value=False)
 
 
 def overwrite_with_gradient(step, grads):
@@ -358,10 +383,10 @@ def clip(step, grads, norm=None):
     return dict(zip(order, clipped)), None
 
 
-def decay_and_adam(step, grads, scalars, grad_scale=None):
+def decay_and_adam(step, grads, scalars, grad_scale=None, predicate=None):
     """Steps 6 and 7, with `scalars` of `evaluate_scalars` (and the fused
     kernel's share of steps 5 and 8: `grad_scale` of `clip`, and the EMA of
-    its variables).
+    its variables; `predicate` of `apply_update`).
 
     Returns:
         `({index: new value} where known without a read (the per-variable
@@ -388,7 +413,7 @@ def decay_and_adam(step, grads, scalars, grad_scale=None):
         one_minus_beta_2=s["one_minus_beta_2"], epsilon=s["epsilon"],
         decay=s["decay"], use_decay=[step.table.use_decay[i] for i in order],
         grad_scale=grad_scale, ema_momentum=ema[0],
-        ema_one_minus_momentum=ema[1])
+        ema_one_minus_momentum=ema[1], apply=predicate)
     return {}, kernel
 
 
@@ -416,7 +441,7 @@ def _decay_and_adam_one(step, i, grad, scalars):
     return value
 
 
-def moving_average(step, new_values, in_kernel=()):
+def moving_average(step, new_values, in_kernel=(), predicate=None):
     """Step 8: the EMA of every built variable, then the periodic overwrite.
 
     Args:
@@ -424,6 +449,8 @@ def moving_average(step, new_values, in_kernel=()):
         new_values: `{index: value}` of variables updated by TF ops this
             step; the others are read.
         in_kernel: indices whose average the fused kernel moved.
+        predicate: `apply_update`'s (the overwrite is due only if it
+            holds).
     """
     if not averages(step.options):
         return
@@ -447,6 +474,8 @@ def moving_average(step, new_values, in_kernel=()):
     if options.ema_overwrite_frequency:
         due = tf.equal(
             (st.iterations + 1) % options.ema_overwrite_frequency, 0)
+        if predicate is not None:
+            due = tf.logical_and(due, predicate)
         kept = [i for i in range(len(st.variables)) if i not in overwrites]
         tf.cond(due,
                 lambda: _done(state_lib.write_averages(

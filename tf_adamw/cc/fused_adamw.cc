@@ -81,6 +81,7 @@ REGISTER_OP("TfAdamwFusedApply")
     .Input("grad_scale: float")
     .Input("ema_momentum: float")
     .Input("ema_one_minus_momentum: float")
+    .Input("apply: bool")
     .Attr("num_variables: int >= 1")
     .Attr("use_decay: list(bool)")
     .Attr("slot_indices: list(int)")
@@ -97,7 +98,9 @@ m += (g - m) * one_minus_beta_1; v += (g*g - v) * one_minus_beta_2;
 (AMSGrad) v_hat = max(v_hat, v); variable -= m * alpha / (sqrt(v or v_hat) +
 epsilon); when the table holds averages, average = ema_momentum * average +
 ema_one_minus_momentum * variable (the new value, as stored). Variables are
-float32, bfloat16 or float16 (updated in float32);
+float32, bfloat16 or float16 (updated in float32); when apply is false the
+inputs are checked and nothing changes (a skipped step without a
+conditional around the op);
 slots and gradients are float32, and gradient i has variable i's shape. All
 inputs are checked before any value changes.
 )doc");
@@ -292,6 +295,10 @@ class FusedApplyOp : public OpKernel {
       *fields[k] = t.scalar<float>()();
     }
 
+    const Tensor& apply = ctx->input(scalars_start + 8);
+    OP_REQUIRES(ctx, ::tensorflow::TensorShapeUtils::IsScalar(apply.shape()),
+                absl::InvalidArgumentError("apply must be a scalar"));
+
     RefCountPtr<SlotTable> table;
     OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
                             ctx, ::tensorflow::HandleFromInput(ctx, n),
@@ -385,6 +392,8 @@ class FusedApplyOp : public OpKernel {
     // The concatenation of all variables is cut into one contiguous range of
     // elements per thread; a step smaller than kMinPerThread elements per
     // thread runs inline (thread hand-off would cost more than it saves).
+    if (!apply.scalar<bool>()()) return;
+
     constexpr int64_t kMinPerThread = 1 << 17;
     std::vector<int64_t> starts(n + 1, 0);
     for (int i = 0; i < n; ++i) starts[i + 1] = starts[i] + jobs[i].size;
@@ -488,7 +497,8 @@ REGISTER_KERNEL_BUILDER(Name("TfAdamwFusedApply")
                             .HostMemory("decay")
                             .HostMemory("grad_scale")
                             .HostMemory("ema_momentum")
-                            .HostMemory("ema_one_minus_momentum"),
+                            .HostMemory("ema_one_minus_momentum")
+                            .HostMemory("apply"),
                         FusedApplyOp);
 
 REGISTER_KERNEL_BUILDER(

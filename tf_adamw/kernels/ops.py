@@ -34,7 +34,7 @@ def slot_table(momentums, velocities, velocity_hats, averages=()):
 def fused_apply(variables, table, slot_indices, grads, *, alpha,
                 one_minus_beta_1, one_minus_beta_2, epsilon, decay,
                 use_decay, grad_scale=None, ema_momentum=None,
-                ema_one_minus_momentum=None):
+                ema_one_minus_momentum=None, apply=None):
     """Runs the fused op: one AdamW step for all `variables`.
 
     Args:
@@ -52,6 +52,8 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
         ema_momentum, ema_one_minus_momentum: float32 scalars of
             `update.ema_update`, when the table holds averages (else
             unused; None for 0 and 1).
+        apply: a bool scalar: False checks the inputs and changes nothing
+            (a skipped step); None for True.
 
     Returns:
         The op (graph mode) or None (eager).
@@ -63,6 +65,7 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
         grad_scale=_or_constant(grad_scale, 1.0),
         ema_momentum=_or_constant(ema_momentum, 0.0),
         ema_one_minus_momentum=_or_constant(ema_one_minus_momentum, 1.0),
+        apply=_or_constant(apply, True),
         use_decay=list(use_decay), slot_indices=list(slot_indices))
 
 
@@ -70,16 +73,19 @@ _EAGER_CONSTANTS = {}
 
 
 def _or_constant(value, default):
-    """`value`, or `default` as a float32 scalar: made once when eager (an
-    eager call converting a Python float costs microseconds per step)."""
+    """`value`, or `default` (a float: float32; a bool) as a scalar tensor:
+    made once when eager (an eager call converting a Python value costs
+    microseconds per step)."""
     if value is not None:
         return value
+    dtype = tf.bool if isinstance(default, bool) else tf.float32
     if not tf.executing_eagerly():
-        return tf.constant(default, tf.float32)
-    if default not in _EAGER_CONSTANTS:
+        return tf.constant(default, dtype)
+    key = (default, dtype)
+    if key not in _EAGER_CONSTANTS:
         with tf.init_scope():
-            _EAGER_CONSTANTS[default] = tf.constant(default, tf.float32)
-    return _EAGER_CONSTANTS[default]
+            _EAGER_CONSTANTS[key] = tf.constant(default, dtype)
+    return _EAGER_CONSTANTS[key]
 
 
 def _loaded():
