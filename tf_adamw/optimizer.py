@@ -44,7 +44,8 @@ _not_converted = tf.autograph.experimental.do_not_convert
 
 _SLOTS_IN_FUSED_STEP = (
     "`slots_for()` called inside a `tf.function`: the fused kernel updates "
-    "momentum and velocity through the optimizer's slot table, so reads or "
+    "momentum, velocity and the EMA averages through the optimizer's slot "
+    "table, so reads or "
     "writes of them in a function that also applies gradients are not "
     "ordered with the step. Read them outside that function, or create the "
     "optimizer with `fused=False`.")
@@ -242,10 +243,11 @@ class AdamW(tf.Module, attributes.Attributes):
         """The optimizer state of one model variable, by slot name.
 
         With the fused kernel (`uses_fused_kernel`) the step reaches
-        `momentum`, `velocity` and `velocity_hat` through a table, not their
-        handles: inside one `tf.function` that applies gradients, TF does not
-        order your reads or writes of them with the step (calling this there
-        warns). Use them outside that function, or `fused=False`.
+        `momentum`, `velocity`, `velocity_hat` and `average` through a
+        table, not their handles: inside one `tf.function` that applies
+        gradients, TF does not order your reads or writes of them with the
+        step (calling this there warns). Use them outside that function, or
+        `fused=False`.
 
         Args:
             variable: a variable this optimizer was built with.
