@@ -63,7 +63,42 @@ def layout_shapes(name):
                             "biases, 2 layer norms")
     if name == "C":
         return [(44, 44), (44,)] * 100, "100 dense layers: 44x44 kernel + bias"
+    if name == "many" or name.startswith("many:"):
+        n = int(name.partition(":")[2] or MANY_VARS)
+        shapes = many_shapes(n)
+        return shapes, (f"{n} small variables of 10 shapes (24 to 576 "
+                        "params; benchmarks/bench_many.py runs it with EMA "
+                        "and global clipping)")
     raise ValueError(f"unknown layout {name!r}")
+
+
+# The `many` layout: many small variables of varied shapes, as in a model
+# with hundreds of layers (kernels, biases, norms, a few conv kernels). The
+# 10 shapes hold 2,984 parameters, ~298 per variable: 1,000 variables are
+# ~298k parameters. bench_many.py runs it at 100 / 1,000 / 4,000 variables.
+MANY_VARS = 1000
+MANY_CYCLE = [(24, 24), (24,), (16, 32), (32,), (20, 20), (3, 3, 4, 8),
+              (64,), (40, 12), (96,), (8, 8, 8)]
+
+
+def many_shapes(n, distinct=False):
+    """The first `n` shapes of the `many` layout (MANY_CYCLE repeated).
+
+    `distinct`: instead, `n` different 2-D shapes, those whose size is
+    nearest 298 (XLA:CPU compiles one kernel per *distinct* fusion and
+    reuses it for identical ones, so a model of repeated shapes compiles
+    far faster than one of all-different shapes; this is the worst case).
+    """
+    if not distinct:
+        return [MANY_CYCLE[i % len(MANY_CYCLE)] for i in range(n)]
+    target = 298
+    limit = 8 * target
+    pairs = sorted(((r, c) for r in range(1, limit // 2 + 1)
+                    for c in range(2, limit // r + 1)),
+                   key=lambda rc: (abs(rc[0] * rc[1] - target), rc))
+    if n > len(pairs):
+        raise ValueError(f"at most {len(pairs)} distinct shapes")
+    return pairs[:n]
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ intermediate stays in cache. 28 B/param is the single-pass minimum.
 
     python benchmarks/xla_fusions.py --layout B [--impl ours|keras_xla|optax]
         [--json OUT.json] [--keep-dump DIR]
+    python benchmarks/xla_fusions.py --layout many --ema-clip   # issue #13
 """
 
 import argparse
@@ -140,7 +141,7 @@ def analyse(hlo, n_params, n_vars):
     return res
 
 
-def run_step(impl, layout, dump_dir):
+def run_step(impl, layout, dump_dir, ema_clip=False):
     """Runs one step of `impl` on `layout` with XLA dumping to `dump_dir`."""
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
@@ -151,6 +152,8 @@ def run_step(impl, layout, dump_dir):
     import numpy as np
     from bench_adamw import (B1, B2, EPS, LR, WD, layout_shapes)
     shapes, _ = layout_shapes(layout)
+    # The `many` layout's settings (bench_many.py): EMA + global clipping.
+    extra = {"use_ema": True, "global_clipnorm": 1.0} if ema_clip else {}
     rng = np.random.default_rng(0)
     init = [(0.02 * rng.standard_normal(s)).astype(np.float32) for s in shapes]
     grads = [(1e-3 * rng.standard_normal(s)).astype(np.float32)
@@ -162,16 +165,19 @@ def run_step(impl, layout, dump_dir):
         # fused=False: the XLA step (what TPUs and GPUs run); on CPU the
         # default step is the fused kernel, which XLA does not compile.
         opt = tf_adamw.AdamW(learning_rate=LR, weight_decay=WD, beta_1=B1,
-                             beta_2=B2, epsilon=EPS, fused=False)
+                             beta_2=B2, epsilon=EPS, fused=False, **extra)
         opt.apply([tf.constant(g) for g in grads], variables).numpy()
-        pattern = "*update_step*cpu_after_optimizations.txt"
+        # The step's tf.function: `adamw_step` (tf_adamw.step_kinds;
+        # `update_step` before the layered redesign).
+        pattern = "*_step*cpu_after_optimizations.txt"
     elif impl == "keras_xla":
         import keras
         import tensorflow as tf
         variables = [keras.Variable(x) for x in init]
         tgrads = [tf.constant(g) for g in grads]
         opt = keras.optimizers.AdamW(learning_rate=LR, weight_decay=WD,
-                                     beta_1=B1, beta_2=B2, epsilon=EPS)
+                                     beta_1=B1, beta_2=B2, epsilon=EPS,
+                                     **extra)
         opt.build(variables)
 
         @tf.function(jit_compile=True)
@@ -214,15 +220,19 @@ def main():
                    choices=["ours", "keras_xla", "optax"])
     p.add_argument("--json", help="write the analysis here")
     p.add_argument("--keep-dump", help="dump into this directory and keep it")
+    p.add_argument("--ema-clip", action="store_true",
+                   help="use_ema=True, global_clipnorm=1.0 (ours, keras_xla)")
     args = p.parse_args()
     dump = args.keep_dump or tempfile.mkdtemp(prefix="xla_dump_")
     os.makedirs(dump, exist_ok=True)
     try:
-        path, n_params, n_vars = run_step(args.impl, args.layout, dump)
+        path, n_params, n_vars = run_step(args.impl, args.layout, dump,
+                                          args.ema_clip)
         with open(path) as f:
             hlo = f.read()
         res = analyse(hlo, n_params, n_vars)
         res.update({"impl": args.impl, "layout": args.layout,
+                    "ema_clip": args.ema_clip,
                     "module": os.path.basename(path)})
     finally:
         if not args.keep_dump:
