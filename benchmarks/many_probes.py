@@ -69,6 +69,31 @@ def scalars():
     first = tf.cast(tf.not_equal(it, 0), tf.float32) * EMA
     return alpha, first
 
+def flat_adam_delta(alpha):
+    """The flat variants' shared part: the gradients concatenated and
+    globally clipped, `m_f` and `v_f` updated, and the flat Adam step
+    `m * alpha / (sqrt(v) + eps)` returned."""
+    g = flat(grads)
+    norm = tf.sqrt(tf.reduce_sum(tf.square(g)))
+    g = g * (CLIP * tf.minimum(1.0 / norm, 1.0 / CLIP))
+    mn = m_f + (g - m_f) * (1 - B1)
+    vn = v_f + (tf.square(g) - v_f) * (1 - B2)
+    m_f.assign(mn); v_f.assign(vn)
+    return mn * alpha / (tf.sqrt(vn) + EPS)
+
+
+def write_back(deltas, mom):
+    """Each variable decayed and moved by its flat piece of `deltas`, then
+    the flat EMA of the new values."""
+    news = []
+    for var, d in zip(vars_, deltas):
+        p = var.read_value()
+        p = p - p * (LR * WD) - tf.reshape(d, var.shape)
+        var.assign(p)
+        news.append(p)
+    avg_f.assign(mom * avg_f + (1 - mom) * flat(news))
+
+
 def body():
     if variant == "norm_sep":
         return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
@@ -104,51 +129,20 @@ def body():
             m.assign(mn); v.assign(vn); var.assign(p)
             a.assign(mom * a + (1 - mom) * p)
     elif variant == "full_flat":
-        g = flat(grads)
-        norm = tf.sqrt(tf.reduce_sum(tf.square(g)))
-        g = g * (CLIP * tf.minimum(1.0 / norm, 1.0 / CLIP))
         p = flat([v.read_value() for v in vars_])
         p = p - p * (LR * WD)
-        mn = m_f + (g - m_f) * (1 - B1)
-        vn = v_f + (tf.square(g) - v_f) * (1 - B2)
-        p = p - mn * alpha / (tf.sqrt(vn) + EPS)
-        m_f.assign(mn); v_f.assign(vn)
+        p = p - flat_adam_delta(alpha)
         avg_f.assign(mom * avg_f + (1 - mom) * p)
         for var, piece in zip(vars_, tf.split(p, sizes)):
             var.assign(tf.reshape(piece, var.shape))
     elif variant == "full_flat2":
-        g = flat(grads)
-        norm = tf.sqrt(tf.reduce_sum(tf.square(g)))
-        g = g * (CLIP * tf.minimum(1.0 / norm, 1.0 / CLIP))
-        mn = m_f + (g - m_f) * (1 - B1)
-        vn = v_f + (tf.square(g) - v_f) * (1 - B2)
-        m_f.assign(mn); v_f.assign(vn)
-        delta = mn * alpha / (tf.sqrt(vn) + EPS)
-        news = []
-        for var, d in zip(vars_, tf.split(delta, sizes)):
-            p = var.read_value()
-            p = p - p * (LR * WD) - tf.reshape(d, var.shape)
-            var.assign(p)
-            news.append(p)
-        avg_f.assign(mom * avg_f + (1 - mom) * flat(news))
+        write_back(tf.split(flat_adam_delta(alpha), sizes), mom)
     elif variant == "full_flat3":
         # Flat m, v, avg; each variable's slice at a *runtime* offset (a
         # scalar variable), so same-shape variables share one XLA kernel.
-        g = flat(grads)
-        norm = tf.sqrt(tf.reduce_sum(tf.square(g)))
-        g = g * (CLIP * tf.minimum(1.0 / norm, 1.0 / CLIP))
-        mn = m_f + (g - m_f) * (1 - B1)
-        vn = v_f + (tf.square(g) - v_f) * (1 - B2)
-        m_f.assign(mn); v_f.assign(vn)
-        delta = mn * alpha / (tf.sqrt(vn) + EPS)
-        news = []
-        for var, off, size in zip(vars_, offs, sizes):
-            d = tf.slice(delta, tf.reshape(off.read_value(), [1]), [size])
-            p = var.read_value()
-            p = p - p * (LR * WD) - tf.reshape(d, var.shape)
-            var.assign(p)
-            news.append(p)
-        avg_f.assign(mom * avg_f + (1 - mom) * flat(news))
+        delta = flat_adam_delta(alpha)
+        write_back([tf.slice(delta, tf.reshape(off.read_value(), [1]), [size])
+                    for off, size in zip(offs, sizes)], mom)
     it.assign_add(1)
     return tf.identity(it)
 
