@@ -338,12 +338,14 @@ def apply_update(step, grads, scalars, norm=None, predicate=None):
         grads, grad_scale = clip(step, grads, norm)
         new_values, kernel = decay_and_adam(step, grads, scalars, grad_scale,
                                             predicate)
-        # The kernel writes the averages of its variables through the slot
-        # table, out of TF's sight: what reads them next waits for it.
-        with tf.control_dependencies([] if kernel is None else [kernel]):
-            moving_average(step, new_values,
-                           in_kernel=set(grads) if step.fused else (),
-                           predicate=predicate)
+        if averages(step.options):
+            # The kernel writes the averages of its variables through the
+            # slot table, out of TF's sight: what reads them next waits
+            # for it.
+            with tf.control_dependencies([] if kernel is None else [kernel]):
+                moving_average(step, new_values,
+                               in_kernel=set(grads) if step.fused else (),
+                               predicate=predicate)
         constrain(step, grads)
     step.state.iterations.assign_add(  # step 10
         1 if predicate is None else tf.cast(predicate, tf.int64),
