@@ -176,6 +176,11 @@ def check_patterns(var_names):
             f"Received: var_names={var_names!r} ({e})") from e
 
 
+# The dynamic loss scale's defaults (Keras LossScaleOptimizer's).
+INITIAL_SCALE = 2.0 ** 15
+DYNAMIC_GROWTH_STEPS = 2000
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """The fixed options of one `AdamW`, validated (see `validate`)."""
@@ -195,8 +200,8 @@ class Options:
     # Dynamic loss scaling (`loss_scale="dynamic"`): Keras
     # LossScaleOptimizer's rule and defaults.
     loss_scale: typing.Optional[str] = None
-    initial_scale: float = 2.0 ** 15
-    dynamic_growth_steps: int = 2000
+    initial_scale: float = INITIAL_SCALE
+    dynamic_growth_steps: int = DYNAMIC_GROWTH_STEPS
 
     @property
     def dynamic_loss_scale(self):
@@ -231,7 +236,8 @@ def validate(*, name="adamw", amsgrad=False, clipnorm=None, clipvalue=None,
              ema_overwrite_frequency=None, loss_scale_factor=None,
              gradient_accumulation_steps=None, jit_compile=True,
              skip_nonfinite_gradients=False, fused=None, loss_scale=None,
-             initial_scale=2.0 ** 15, dynamic_growth_steps=2000):
+             initial_scale=INITIAL_SCALE,
+             dynamic_growth_steps=DYNAMIC_GROWTH_STEPS):
     """Checks the fixed constructor arguments and returns `Options`.
 
     Raises:
@@ -320,8 +326,8 @@ def _loss_scale(value):
 
 def _check_loss_scale_combination(loss_scale, loss_scale_factor,
                                   initial_scale, dynamic_growth_steps):
-    if loss_scale is None and (initial_scale != 2.0 ** 15
-                               or dynamic_growth_steps != 2000):
+    if loss_scale is None and (initial_scale != INITIAL_SCALE or
+                               dynamic_growth_steps != DYNAMIC_GROWTH_STEPS):
         raise ValueError(
             "Arguments `initial_scale` and `dynamic_growth_steps` need "
             "`loss_scale=\"dynamic\"`. Received: "

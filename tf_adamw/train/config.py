@@ -151,9 +151,9 @@ class OptimizerConfig:
     # none | dynamic: scale the loss (and unscale the gradients) by a
     # dynamic loss scale, Keras LossScaleOptimizer's rule: for float16.
     loss_scale: str = "none"
-    initial_scale: float = 2.0 ** 15  # the dynamic scale's start
+    initial_scale: float = adamw_options.INITIAL_SCALE  # where it starts
     # Finite steps in a row after which the dynamic scale doubles.
-    dynamic_growth_steps: int = 2000
+    dynamic_growth_steps: int = adamw_options.DYNAMIC_GROWTH_STEPS
 
     def adamw_arguments(self):
         """The `tf_adamw.AdamW` arguments this section sets, translated once.
