@@ -5,7 +5,9 @@
 - It rounds exactly like the same pipeline written with TF ops (`fused=False,
   jit_compile=False`), bit for bit: float32/bfloat16/float16 variables,
   AMSGrad, excluded variables, sparse gradients, a variable large enough to
-  be split across threads. It agrees with the XLA step to rounding.
+  be split across threads, with the EMA, the global clip, gradient
+  accumulation and the guard. It agrees with the XLA step to rounding.
+- Those stages add no op per variable and no conditional to its step.
 - Inside a `jit_compile=True` function the XLA step runs instead.
 - It reaches the slots through the optimizer's slot table: a step function
   captures no slot handle, later assignments to slots are seen, variables
@@ -13,7 +15,7 @@
   steps one by one, and `slots_for` warns where its reads would not be
   ordered with the kernel.
 - It never writes through a buffer a reader still holds (copy-on-write).
-- Bad inputs to the op, a failing compiler and an unavailable kernel give
+- Bad inputs to the ops (accumulation flags included), a failing compiler and an unavailable kernel give
   clear errors or a clean fallback.
 """
 
@@ -113,37 +115,51 @@ def test_step_graph_holds_one_fused_op():
 
 
 # The stages the kernel takes over from per-variable ops: the global
-# clip's factor and the EMA (with the periodic overwrite after it).
+# clip's factor and the EMA (with the periodic overwrite after it), and
+# gradient accumulation.
 EMA_AND_CLIP = dict(use_ema=True, ema_momentum=0.9, global_clipnorm=1.0,
                     ema_overwrite_frequency=3)
+ACCUMULATION = dict(gradient_accumulation_steps=2)
+# Everything at once: 7 calls are 3 updates (the third overwrites the
+# variables with their averages) and one call that only adds.
+EVERY_STAGE = dict(EMA_AND_CLIP, gradient_accumulation_steps=2,
+                   skip_nonfinite_gradients=True)
+STAGE_STEPS = {"bare": 4, "ema_and_clip": 4, "accumulation": 5,
+               "every_stage": 7}
 
 
-def test_ema_clip_and_guard_add_no_op_per_variable():
-    """With the EMA, the global clip and the non-finite guard (issue #13):
-    no update op per variable and no conditional around the kernel; what
-    is left per variable is one reshape for the sum of squares."""
-    n = 50
+def _step_op_types(n, **kwargs):
+    """The op types of a traced step on `n` variables of shape [3, 2]."""
     variables = [tf.Variable(tf.zeros([3, 2])) for _ in range(n)]
-    opt = AdamW(use_ema=True, global_clipnorm=1.0,
-                skip_nonfinite_gradients=True)
+    opt = AdamW(**kwargs)
     opt.build(variables)
     graph = tf.function(lambda grads: opt.apply(grads, variables)
                         ).get_concrete_function(
         [tf.TensorSpec([3, 2], tf.float32)] * n).graph
-    ops = [op.type for op in graph.get_operations()]
-    assert ops.count("TfAdamwFusedApply") == 1, ops
-    assert "If" not in ops and "StatelessIf" not in ops, ops
-    # The scalars' few reads and writes (counters, hyperparameters), none
-    # per variable.
-    for op_type in ("AssignVariableOp", "AssignAddVariableOp",
-                    "ReadVariableOp", "Mul", "Square"):
-        assert ops.count(op_type) < 10, (op_type, ops.count(op_type))
-    assert ops.count("Reshape") == n, ops
+    return [op.type for op in graph.get_operations()]
+
+
+@pytest.mark.parametrize("accumulation", [None, 4])
+def test_ema_clip_guard_and_accumulation_add_no_op_per_variable(
+        accumulation):
+    """With the EMA, the global clip, the non-finite guard and gradient
+    accumulation (issue #13): no update op per variable and no conditional
+    around the kernel; what is left per variable is the placeholders of
+    its gradient and its handle, and one reshape for the sum of squares."""
+    stages = dict(use_ema=True, global_clipnorm=1.0,
+                  skip_nonfinite_gradients=True,
+                  gradient_accumulation_steps=accumulation)
+    few, many = _step_op_types(20, **stages), _step_op_types(50, **stages)
+    assert many.count("TfAdamwFusedApply") == 1, many
+    assert "If" not in many and "StatelessIf" not in many, many
+    per_variable = {op: many.count(op) - few.count(op) for op in set(many)}
+    assert {op: d for op, d in per_variable.items() if d} == {
+        "Placeholder": 60, "Reshape": 30}, per_variable
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
-@pytest.mark.parametrize("stages", [{}, EMA_AND_CLIP],
-                         ids=["bare", "ema_and_clip"])
+@pytest.mark.parametrize("stages", [{}, EMA_AND_CLIP, ACCUMULATION,
+                                    EVERY_STAGE], ids=list(STAGE_STEPS))
 @pytest.mark.parametrize("dtype,amsgrad,sparse", [
     ("float32", False, False),
     ("float32", True, True),
@@ -153,10 +169,13 @@ def test_ema_clip_and_guard_add_no_op_per_variable():
 def test_fused_equals_tf_ops_bit_for_bit(mode, stages, dtype, amsgrad,
                                          sparse):
     """The kernel is the pipeline's own arithmetic, rounded identically."""
-    fused_opt, fused = _train(mode, dtype, sparse=sparse, amsgrad=amsgrad,
-                              **stages)
-    ops_opt, ops = _train(mode, dtype, sparse=sparse, amsgrad=amsgrad,
-                          fused=False, jit_compile=False, **stages)
+    steps = STAGE_STEPS[list(STAGE_STEPS)[
+        [{}, EMA_AND_CLIP, ACCUMULATION, EVERY_STAGE].index(stages)]]
+    fused_opt, fused = _train(mode, dtype, steps=steps, sparse=sparse,
+                              amsgrad=amsgrad, **stages)
+    ops_opt, ops = _train(mode, dtype, steps=steps, sparse=sparse,
+                          amsgrad=amsgrad, fused=False, jit_compile=False,
+                          **stages)
     assert fused_opt.uses_fused_kernel and not ops_opt.uses_fused_kernel
     _assert_identical(fused, ops, f"{mode} {dtype} amsgrad={amsgrad}")
 
@@ -350,6 +369,64 @@ def test_op_rejects_bad_inputs_with_a_clear_message(
                             [grad], alpha=0.1, one_minus_beta_1=0.1,
                             one_minus_beta_2=0.001, epsilon=1e-7, decay=0.0,
                             use_decay=[True])
+
+
+def _kernel_args(accumulators):
+    """(variable, table, keyword arguments) for a direct call of the op."""
+    slots = [tf.Variable(tf.zeros([2])) for _ in range(3)]
+    table = kernels.slot_table(slots[:1], slots[1:2], [],
+                               accumulators=slots[2:] if accumulators else [])
+    return tf.Variable([1.0, 2.0]), table, dict(
+        alpha=0.1, one_minus_beta_1=0.1, one_minus_beta_2=0.001,
+        epsilon=1e-7, decay=0.0, use_decay=[True])
+
+
+@pytest.mark.parametrize("accumulators,flags,message", [
+    (False, dict(accumulate=True, apply=False),
+     "accumulate is true, but the slot table holds no accumulators"),
+    (True, dict(accumulate=True, apply=False),  # accumulation_steps 0
+     "holds no accumulators or accumulation_steps is 0"),
+    (True, dict(accumulate=True, accumulation_steps=2.0),
+     "apply and accumulate are both true"),
+    (True, dict(accumulation_steps=-1.0),
+     "accumulation_steps must be at least 1 or 0; it is -1"),
+    (True, dict(accumulation_steps=float("nan")),
+     "accumulation_steps must be at least 1 or 0; it is nan"),
+])
+def test_op_rejects_bad_accumulation_flags(accumulators, flags, message):
+    """Called directly (the optimizer never passes these); nothing is
+    written."""
+    variable, table, args = _kernel_args(accumulators)
+    flags = {k: tf.constant(v) for k, v in flags.items()}
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        kernels.fused_apply([variable], table, [0], [tf.ones([2])], **args,
+                            **flags)
+    np.testing.assert_array_equal(variable.numpy(), [1.0, 2.0])
+
+
+def test_accumulated_means_are_the_mean_gradients_or_empty():
+    variable, table, args = _kernel_args(accumulators=True)
+    for _ in range(2):  # accumulator = 2 * [1, 3]
+        kernels.fused_apply([variable], table, [0], [tf.constant([1.0, 3.0])],
+                            **args, apply=tf.constant(False),
+                            accumulate=tf.constant(True),
+                            accumulation_steps=tf.constant(4.0))
+    np.testing.assert_array_equal(variable.numpy(), [1.0, 2.0])
+    means = kernels.accumulated_means(table, [0], [tf.constant([2.0, 2.0])],
+                                      tf.constant(4.0), tf.constant(True))
+    np.testing.assert_array_equal(means.numpy(), [1.0, 2.0])
+    empty = kernels.accumulated_means(table, [0], [tf.constant([2.0, 2.0])],
+                                      tf.constant(4.0), tf.constant(False))
+    assert empty.shape == (0,)
+    _, plain, _ = _kernel_args(accumulators=False)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="the slot table holds no accumulators"):
+        kernels.accumulated_means(plain, [0], [tf.ones([2])],
+                                  tf.constant(4.0), tf.constant(True))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="accumulation_steps must be at least 1; it is 0"):
+        kernels.accumulated_means(table, [0], [tf.ones([2])],
+                                  tf.constant(0.0), tf.constant(True))
 
 
 def test_float64_variables_take_the_xla_step():

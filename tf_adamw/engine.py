@@ -154,7 +154,8 @@ class Engine:
                 self.slot_tables = state_lib.slot_tables(
                     self.slot_lists["momentum"], self.slot_lists["velocity"],
                     self.slot_lists["velocity_hat"],
-                    self.slot_lists["average"])
+                    self.slot_lists["average"],
+                    self.slot_lists["accumulator"])
 
     def turn(self):
         """A context in which this optimizer's state is this call's alone.

@@ -260,14 +260,13 @@ def guard_and_apply(step, grads, scalars, valid=None):
         if rule is not None and rule[0] == "global_clipnorm" and (
                 not accumulates(step.options)):
             norm = tf.sqrt(total)  # update.global_norm of the same list
-    if not checks:
-        accumulate_or_apply(step, grads, scalars)
-        adjust_loss_scale(step, finite, applied=None)
-        return
-    applied = checks[0] if len(checks) == 1 else tf.logical_and(*checks)
-    if _kernel_predicates(step, grads):
-        apply_update(step, grads, scalars, norm, predicate=applied)
-        count_skipped(step, where=tf.logical_not(applied))
+    applied = None
+    if checks:
+        applied = checks[0] if len(checks) == 1 else tf.logical_and(*checks)
+    if applied is None or _kernel_predicates(step, grads):
+        accumulate_or_apply(step, grads, scalars, norm, applied)
+        if applied is not None:
+            count_skipped(step, where=tf.logical_not(applied))
     else:
         applied = tf.cond(
             applied,
@@ -277,26 +276,35 @@ def guard_and_apply(step, grads, scalars, valid=None):
 
 
 def _kernel_predicates(step, grads):
-    """True when a guarded call can be one fused kernel told whether to
-    apply, instead of a conditional around the update: the kernel is the
-    only per-variable work (no accumulation, constraint or overwritten
-    variable, and every variable has a gradient, so the EMA is all in it).
-    A conditional with 1,000 variables' gradients as inputs costs more
-    than the update itself."""
-    return (step.fused and not accumulates(step.options)
-            and not step.table.overwrites and not step.table.constrained
-            and len(grads) == len(step.state.variables))
+    """True when a call can be one fused kernel told whether to apply (and
+    whether to only accumulate), instead of a conditional around the
+    update: the kernel is the only per-variable work (no constraint or
+    overwritten variable, every variable has a gradient, so the EMA is all
+    in it, and with accumulation no clipping but the global clip, whose
+    norm `accumulated_means` gives). A conditional with 1,000 variables'
+    gradients as inputs costs more than the update itself."""
+    rule = step.options.clip_rule()
+    return (step.fused and not step.table.overwrites
+            and not step.table.constrained
+            and len(grads) == len(step.state.variables)
+            and (not accumulates(step.options) or rule is None
+                 or rule[0] == "global_clipnorm"))
 
 
-def accumulate_or_apply(step, grads, scalars, norm=None):
+def accumulate_or_apply(step, grads, scalars, norm=None, applied=None):
     """Step 4: every k-th call applies the mean of the k gradients.
 
-    The calls in between only add (a tf.cond, so those calls skip the
+    The calls in between only add: in the fused kernel when
+    `_kernel_predicates` holds, else in a tf.cond (so those calls skip the
     update's memory traffic). `norm` is the global norm of `grads` if known
-    (without accumulation only).
+    (without accumulation only); `applied`: for the kernel only, a bool
+    scalar, whether the call passed the guard (None: it did).
     """
     if not accumulates(step.options):
-        apply_update(step, grads, scalars, norm)
+        apply_update(step, grads, scalars, norm, predicate=applied)
+        return
+    if _kernel_predicates(step, grads):
+        accumulate_in_kernel(step, grads, scalars, applied)
         return
     k = step.options.gradient_accumulation_steps
     accumulators = step.state.accumulators
@@ -325,19 +333,56 @@ def accumulate_or_apply(step, grads, scalars, norm=None):
     tf.cond(tf.equal(count + 1, k), apply_mean, add)
 
 
-def apply_update(step, grads, scalars, norm=None, predicate=None):
+def accumulate_in_kernel(step, grads, scalars, applied=None):
+    """Step 4 in the fused kernel: it adds `grads` to the accumulators, or
+    on every k-th call applies their mean (and zeroes them), told which by
+    two flags; no op or conditional per variable. The global clip's norm
+    is that of the mean gradients, from `kernels.accumulated_means` on the
+    applying call (empty on the others) with `update.global_norm`, the
+    reduction the plain-ops step uses, so both round alike. `applied`: as
+    in `accumulate_or_apply`."""
+    k = step.options.gradient_accumulation_steps
+    count = step.state.accumulation_count
+    before = count.read_value()
+    last = tf.equal(before + 1, k)
+    passed = (lambda b: b) if applied is None else (
+        lambda b: tf.logical_and(applied, b))
+    applies, adds = passed(last), passed(tf.logical_not(last))
+    norm = None
+    rule = step.options.clip_rule()
+    if rule is not None:  # the global clip (`_kernel_predicates`)
+        order = sorted(grads)
+        norm = update.global_norm([kernels.accumulated_means(
+            _slot_table(step), order, [grads[i] for i in order],
+            tf.constant(float(k)), applies)])
+    apply_update(step, grads, scalars, norm, predicate=applies,
+                 accumulate=adds)
+    after = tf.where(last, tf.zeros_like(before), before + 1)
+    if applied is not None:
+        after = tf.where(applied, after, before)
+    count.assign(after, read_value=False)
+
+
+def _slot_table(step):
+    """The fused kernel's slot table on this replica's device."""
+    return step.slot_tables[step.state.momentums[0].device]
+
+
+def apply_update(step, grads, scalars, norm=None, predicate=None,
+                 accumulate=None):
     """Steps 5-10 on the (mean) gradients `grads`: {index: tensor}.
 
     The overwritten variables are set first; the other stages run when
     some other variable has a gradient (as in Keras). `predicate`: for the
     fused kernel only (`_kernel_predicates`), a bool scalar, whether the
-    update applies at all (None: it does).
+    update applies at all (None: it does); `accumulate`: for the kernel
+    accumulating (`accumulate_in_kernel`), whether the call only adds.
     """
     grads = overwrite_with_gradient(step, grads)
     if grads:
         grads, grad_scale = clip(step, grads, norm)
         new_values, kernel = decay_and_adam(step, grads, scalars, grad_scale,
-                                            predicate)
+                                            predicate, accumulate)
         if averages(step.options):
             # The kernel writes the averages of its variables through the
             # slot table, out of TF's sight: what reads them next waits
@@ -385,10 +430,12 @@ def clip(step, grads, norm=None):
     return dict(zip(order, clipped)), None
 
 
-def decay_and_adam(step, grads, scalars, grad_scale=None, predicate=None):
+def decay_and_adam(step, grads, scalars, grad_scale=None, predicate=None,
+                   accumulate=None):
     """Steps 6 and 7, with `scalars` of `evaluate_scalars` (and the fused
-    kernel's share of steps 5 and 8: `grad_scale` of `clip`, and the EMA of
-    its variables; `predicate` of `apply_update`).
+    kernel's share of steps 4, 5 and 8: the accumulators when `accumulate`
+    is given, `grad_scale` of `clip`, and the EMA of its variables;
+    `predicate` and `accumulate` of `apply_update`).
 
     Returns:
         `({index: new value} where known without a read (the per-variable
@@ -408,14 +455,15 @@ def decay_and_adam(step, grads, scalars, grad_scale=None, predicate=None):
                                   tf.equal(step.state.iterations, 0),
                                   tf.float32)
     kernel = kernels.fused_apply(
-        [step.state.variables[i] for i in order],
-        step.slot_tables[step.state.momentums[0].device], order,
+        [step.state.variables[i] for i in order], _slot_table(step), order,
         [grads[i] for i in order], alpha=s["alpha"],
         one_minus_beta_1=s["one_minus_beta_1"],
         one_minus_beta_2=s["one_minus_beta_2"], epsilon=s["epsilon"],
         decay=s["decay"], use_decay=[step.table.use_decay[i] for i in order],
         grad_scale=grad_scale, ema_momentum=ema[0],
-        ema_one_minus_momentum=ema[1], apply=predicate)
+        ema_one_minus_momentum=ema[1], apply=predicate,
+        accumulate=accumulate, accumulation_steps=None if accumulate is None
+        else tf.constant(float(step.options.gradient_accumulation_steps)))
     return {}, kernel
 
 

@@ -465,7 +465,8 @@ def write_averages(variables, averages):
         variable.assign(tf.cast(average, variable.dtype))
 
 
-def slot_tables(momentums, velocities, velocity_hats, averages=()):
+def slot_tables(momentums, velocities, velocity_hats, averages=(),
+                accumulators=()):
     """The fused kernel's slot table for each device holding slots.
 
     The kernel reaches the slots through one table per device rather than
@@ -479,7 +480,8 @@ def slot_tables(momentums, velocities, velocity_hats, averages=()):
     per_device = {}
     for kind, slots in (("momentums", momentums), ("velocities", velocities),
                         ("velocity_hats", velocity_hats),
-                        ("averages", averages)):
+                        ("averages", averages),
+                        ("accumulators", accumulators)):
         for slot in slots:
             for copy in distribute.copies(slot):
                 per_device.setdefault(copy.device, {}).setdefault(
@@ -489,5 +491,6 @@ def slot_tables(momentums, velocities, velocity_hats, averages=()):
         with tf.device(device):
             tables[device] = kernels.slot_table(
                 kinds["momentums"], kinds["velocities"],
-                kinds.get("velocity_hats", []), kinds.get("averages", []))
+                kinds.get("velocity_hats", []), kinds.get("averages", []),
+                kinds.get("accumulators", []))
     return tables

@@ -57,16 +57,19 @@ REGISTER_OP("TfAdamwSlotTable")
     .Input("velocities: num_variables * resource")
     .Input("velocity_hats: num_velocity_hats * resource")
     .Input("averages: num_averages * resource")
+    .Input("accumulators: num_accumulators * resource")
     .Output("table: resource")
     .Attr("num_variables: int >= 1")
     .Attr("num_velocity_hats: int >= 0")
     .Attr("num_averages: int >= 0")
+    .Attr("num_accumulators: int >= 0 = 0")
     .SetIsStateful()
     .SetShapeFn(::tensorflow::shape_inference::ScalarShape)
     .Doc(R"doc(
 A table of an optimizer's slot variables on one device, for TfAdamwFusedApply:
 one momentum and one velocity per variable, a velocity hat (AMSGrad) or
-none (num_velocity_hats = 0), and an EMA average or none (num_averages = 0).
+none (num_velocity_hats = 0), an EMA average or none (num_averages = 0), and
+a gradient accumulator or none (num_accumulators = 0).
 )doc");
 
 REGISTER_OP("TfAdamwFusedApply")
@@ -82,6 +85,8 @@ REGISTER_OP("TfAdamwFusedApply")
     .Input("ema_momentum: float")
     .Input("ema_one_minus_momentum: float")
     .Input("apply: bool")
+    .Input("accumulate: bool")
+    .Input("accumulation_steps: float")
     .Attr("num_variables: int >= 1")
     .Attr("use_decay: list(bool)")
     .Attr("slot_indices: list(int)")
@@ -100,7 +105,12 @@ epsilon); when the table holds averages, average = ema_momentum * average +
 ema_one_minus_momentum * variable (the new value, as stored). Variables are
 float32, bfloat16 or float16 (updated in float32); when apply is false the
 inputs are checked and nothing changes (a skipped step without a
-conditional around the op);
+conditional around the op). When the table holds accumulators (gradient
+accumulation) and accumulation_steps is not 0, the gradient above is the
+mean (accumulator + gradient) / accumulation_steps and the accumulator is
+then zeroed; a call with accumulate true (and apply false) only adds,
+accumulator += gradient. Apply and accumulate are never both true. With
+accumulation_steps 0 the accumulators are left alone;
 slots and gradients are float32, and gradient i has variable i's shape. All
 inputs are checked before any value changes.
 )doc");
@@ -108,15 +118,18 @@ inputs are checked before any value changes.
 class SlotTable : public ::tensorflow::ResourceBase {
  public:
   // Entry i of each kind belongs to one variable; velocity_hats is empty
-  // without AMSGrad.
+  // without AMSGrad, averages without an EMA, accumulators without gradient
+  // accumulation.
   SlotTable(std::vector<RefCountPtr<Var>> momentums,
             std::vector<RefCountPtr<Var>> velocities,
             std::vector<RefCountPtr<Var>> velocity_hats,
-            std::vector<RefCountPtr<Var>> averages)
+            std::vector<RefCountPtr<Var>> averages,
+            std::vector<RefCountPtr<Var>> accumulators)
       : momentums_(std::move(momentums)),
         velocities_(std::move(velocities)),
         velocity_hats_(std::move(velocity_hats)),
-        averages_(std::move(averages)) {}
+        averages_(std::move(averages)),
+        accumulators_(std::move(accumulators)) {}
 
   std::string DebugString() const override {
     return absl::StrCat("TfAdamwSlotTable of ", size(), " variables");
@@ -125,23 +138,27 @@ class SlotTable : public ::tensorflow::ResourceBase {
   int size() const { return static_cast<int>(momentums_.size()); }
   bool amsgrad() const { return !velocity_hats_.empty(); }
   bool averaged() const { return !averages_.empty(); }
+  bool accumulates() const { return !accumulators_.empty(); }
   Var* momentum(int i) const { return momentums_[i].get(); }
   Var* velocity(int i) const { return velocities_[i].get(); }
   Var* velocity_hat(int i) const { return velocity_hats_[i].get(); }
   Var* average(int i) const { return averages_[i].get(); }
+  Var* accumulator(int i) const { return accumulators_[i].get(); }
 
  private:
   const std::vector<RefCountPtr<Var>> momentums_;
   const std::vector<RefCountPtr<Var>> velocities_;
   const std::vector<RefCountPtr<Var>> velocity_hats_;
   const std::vector<RefCountPtr<Var>> averages_;
+  const std::vector<RefCountPtr<Var>> accumulators_;
 };
 
 class SlotTableOp : public OpKernel {
  public:
   explicit SlotTableOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_variables", &num_variables_));
-    for (const char* attr : {"num_velocity_hats", "num_averages"}) {
+    for (const char* attr :
+         {"num_velocity_hats", "num_averages", "num_accumulators"}) {
       int count = 0;
       OP_REQUIRES_OK(ctx, ctx->GetAttr(attr, &count));
       OP_REQUIRES(ctx, count == 0 || count == num_variables_,
@@ -151,12 +168,13 @@ class SlotTableOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    // Inputs in order: momentums, velocities, velocity hats, averages.
-    std::vector<RefCountPtr<Var>> kinds[4];
+    // Inputs in order: momentums, velocities, velocity hats, averages,
+    // accumulators.
+    std::vector<RefCountPtr<Var>> kinds[5];
     const char* names[] = {"momentums", "velocities", "velocity_hats",
-                           "averages"};
+                           "averages", "accumulators"};
     int start = 0;
-    for (int kind = 0; kind < 4; ++kind) {
+    for (int kind = 0; kind < 5; ++kind) {
       int begin = 0, end = 0;
       OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange(names[kind], &begin,
                                                       &end));
@@ -177,7 +195,8 @@ class SlotTableOp : public OpKernel {
     out->scalar<::tensorflow::ResourceHandle>()() =
         ::tensorflow::ResourceHandle::MakeRefCountingHandle(
             new SlotTable(std::move(kinds[0]), std::move(kinds[1]),
-                          std::move(kinds[2]), std::move(kinds[3])),
+                          std::move(kinds[2]), std::move(kinds[3]),
+                          std::move(kinds[4])),
             ctx->device()->name());
   }
 
@@ -188,25 +207,41 @@ class SlotTableOp : public OpKernel {
 struct Scalars {
   float alpha, one_minus_beta_1, one_minus_beta_2, epsilon, decay;
   float grad_scale, ema_momentum, ema_one_minus_momentum;
+  float accumulation_steps;
 };
 
+// The gradient a step applies: with an accumulator, the mean of the
+// accumulated micro-steps and this one, `(accumulator + gradient) / k` as
+// the pipeline's accumulation stage computes it (the accumulator is then
+// zeroed); else the gradient itself.
+inline float MeanGradient(const float* __restrict__ grad,
+                          float* __restrict__ accumulator, int64_t j,
+                          float accumulation_steps) {
+  if (accumulator == nullptr) return grad[j];
+  const float mean = (accumulator[j] + grad[j]) / accumulation_steps;
+  accumulator[j] = 0.0f;
+  return mean;
+}
+
 // Elements [begin, end) of one variable. The loop body is, operation by
-// operation, the global clip's `g * scale` (`update.clip_by_global_norm`),
-// `adamw_update` and, when `average` is not null, `update.ema_update` of
-// the value as stored.
+// operation, the accumulation stage's mean (`MeanGradient`), the global
+// clip's `g * scale` (`update.clip_by_global_norm`), `adamw_update` and,
+// when `average` is not null, `update.ema_update` of the value as stored.
 template <typename T, bool kAmsgrad>
 void UpdateRange(T* __restrict__ var, const float* __restrict__ grad,
-                 float* __restrict__ m, float* __restrict__ v,
-                 float* __restrict__ v_hat, float* __restrict__ average,
-                 const Scalars& s, bool use_decay, int64_t begin,
-                 int64_t end) {
+                 float* __restrict__ accumulator, float* __restrict__ m,
+                 float* __restrict__ v, float* __restrict__ v_hat,
+                 float* __restrict__ average, const Scalars& s,
+                 bool use_decay, int64_t begin, int64_t end) {
   const float decay = s.decay;
   for (int64_t j = begin; j < end; ++j) {
     float x = static_cast<float>(var[j]);
     // Not `x * 0` for excluded variables: that would turn an infinite x
     // into NaN where the reference leaves it alone.
     if (use_decay) x = x - x * decay;
-    const float g = grad[j] * s.grad_scale;
+    const float g =
+        MeanGradient(grad, accumulator, j, s.accumulation_steps) *
+        s.grad_scale;
     const float new_m = m[j] + (g - m[j]) * s.one_minus_beta_1;
     const float new_v = v[j] + (g * g - v[j]) * s.one_minus_beta_2;
     m[j] = new_m;
@@ -231,6 +266,7 @@ struct Job {
   DataType dtype;
   void* var;
   const float* grad;
+  float* accumulator;  // null without gradient accumulation
   float* m;
   float* v;
   float* v_hat;
@@ -244,23 +280,150 @@ void RunRange(const Job& job, const Scalars& s, int64_t begin, int64_t end) {
   switch (job.dtype) {
     case ::tensorflow::DT_FLOAT:
       UpdateRange<float, kAmsgrad>(static_cast<float*>(job.var), job.grad,
-                                   job.m, job.v, job.v_hat, job.average, s,
-                                   job.use_decay, begin, end);
+                                   job.accumulator, job.m, job.v, job.v_hat,
+                                   job.average, s, job.use_decay, begin, end);
       break;
     case ::tensorflow::DT_BFLOAT16:
       UpdateRange<::tensorflow::bfloat16, kAmsgrad>(
-          static_cast<::tensorflow::bfloat16*>(job.var), job.grad, job.m,
-          job.v, job.v_hat, job.average, s, job.use_decay, begin, end);
+          static_cast<::tensorflow::bfloat16*>(job.var), job.grad,
+          job.accumulator, job.m, job.v, job.v_hat, job.average, s,
+          job.use_decay, begin, end);
       break;
     case ::tensorflow::DT_HALF:
-      UpdateRange<Eigen::half, kAmsgrad>(static_cast<Eigen::half*>(job.var),
-                                         job.grad, job.m, job.v, job.v_hat,
-                                         job.average, s, job.use_decay, begin,
-                                         end);
+      UpdateRange<Eigen::half, kAmsgrad>(
+          static_cast<Eigen::half*>(job.var), job.grad, job.accumulator,
+          job.m, job.v, job.v_hat, job.average, s, job.use_decay, begin,
+          end);
       break;
     default:
       break;  // Rejected before any job runs.
   }
+}
+
+// Runs `range(i, begin, end)` over elements [begin, end) of item i, for
+// items of `sizes` elements taken as one concatenation: cut into one
+// contiguous range per thread, inline when that is smaller than
+// kMinPerThread elements per thread (a thread hand-off would cost more than
+// it saves). `bytes_per_element`: the memory each element moves.
+template <typename Range>
+void ForEachRange(OpKernelContext* ctx, const std::vector<int64_t>& sizes,
+                  int64_t bytes_per_element, const Range& range) {
+  constexpr int64_t kMinPerThread = 1 << 17;
+  const int n = static_cast<int>(sizes.size());
+  std::vector<int64_t> starts(n + 1, 0);
+  for (int i = 0; i < n; ++i) starts[i + 1] = starts[i] + sizes[i];
+  const int64_t total = starts[n];
+  auto run_elements = [&](int64_t first, int64_t last) {
+    int i = static_cast<int>(
+        std::upper_bound(starts.begin(), starts.end(), first) -
+        starts.begin() - 1);
+    for (; i < n && starts[i] < last; ++i) {
+      const int64_t begin = std::max(first, starts[i]) - starts[i];
+      const int64_t end = std::min(last, starts[i + 1]) - starts[i];
+      if (begin < end) range(i, begin, end);
+    }
+  };
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  const int64_t threads =
+      workers == nullptr ? 1
+                         : std::min<int64_t>(workers->num_threads,
+                                             total / kMinPerThread);
+  if (threads <= 1) {
+    run_elements(0, total);
+    return;
+  }
+  // Ranges are multiples of 16 elements (64-byte cache lines of float32).
+  const int64_t per_thread = ((total + threads - 1) / threads + 15) / 16 * 16;
+  workers->workers->ParallelFor(
+      threads, /*cost_per_unit=*/per_thread * bytes_per_element,
+      [&](int64_t first_shard, int64_t last_shard) {
+        for (int64_t k = first_shard; k < last_shard; ++k) {
+          run_elements(k * per_thread, std::min(total, (k + 1) * per_thread));
+        }
+      });
+}
+
+// Reads a scalar input of type T, or fails naming it.
+template <typename T>
+absl::Status ScalarInput(OpKernelContext* ctx, const char* name, T* out) {
+  const Tensor* t = nullptr;
+  TF_RETURN_IF_ERROR(ctx->input(name, &t));
+  if (!::tensorflow::TensorShapeUtils::IsScalar(t->shape())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " must be a scalar; it has shape ",
+                     t->shape().DebugString()));
+  }
+  *out = t->scalar<T>()();
+  return absl::OkStatus();
+}
+
+absl::Status CheckSlotIndices(const std::vector<int>& slot_indices,
+                              const SlotTable& table) {
+  for (size_t i = 0; i < slot_indices.size(); ++i) {
+    if (slot_indices[i] < 0 || slot_indices[i] >= table.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "slot index ", slot_indices[i], " of variable ", i,
+          " is outside the slot table of ", table.size(), " variables"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The accumulation steps k: a finite k >= 1, or 0 where `zero_means_none`
+// (a step that leaves the accumulators alone).
+absl::Status CheckAccumulationSteps(float k, bool zero_means_none) {
+  if ((std::isfinite(k) && k >= 1.0f) || (zero_means_none && k == 0.0f)) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "accumulation_steps must be at least 1",
+      zero_means_none ? " or 0" : "", "; it is ", k));
+}
+
+// A pointer to the variable's buffer that no reader shares (TF's
+// copy-on-write rule for resource variables, as in training_op_helpers.h).
+absl::Status Writable(OpKernelContext* ctx, Var* var, DataType dtype,
+                      void** out) {
+  Tensor* tensor = var->tensor();
+  if (var->copy_on_read_mode.load() || !tensor->RefCountIsOne()) {
+    Tensor copy;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(dtype, tensor->shape(), &copy));
+    std::copy_n(static_cast<const char*>(tensor->data()),
+                tensor->TotalBytes(), static_cast<char*>(copy.data()));
+    *tensor = copy;
+  }
+  *out = tensor->data();
+  return absl::OkStatus();
+}
+
+// Checks slot `kind` of variable i (initialized, float32, `size`
+// elements); when `out` is not null, sets it to a writable buffer.
+absl::Status CheckSlot(OpKernelContext* ctx, Var* slot, int64_t size,
+                       const char* kind, int i, void** out) {
+  if (!slot->is_initialized) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(kind, " of variable ", i, " is not initialized"));
+  }
+  if (slot->tensor()->dtype() != ::tensorflow::DT_FLOAT ||
+      slot->tensor()->NumElements() != size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kind, " of variable ", i, " must be float32 with ", size,
+        " elements; it is ", DataTypeString(slot->tensor()->dtype()),
+        " with ", slot->tensor()->NumElements()));
+  }
+  if (out == nullptr) return absl::OkStatus();
+  return Writable(ctx, slot, ::tensorflow::DT_FLOAT, out);
+}
+
+// Every distinct mutex of `vars`, sorted by address: locking them in that
+// order is the order TF's own training ops use, so no deadlock with them.
+std::vector<::tensorflow::mutex*> SortedMutexes(const std::vector<Var*>& vars) {
+  std::vector<::tensorflow::mutex*> mutexes;
+  mutexes.reserve(vars.size());
+  for (Var* var : vars) mutexes.push_back(var->mu());
+  std::sort(mutexes.begin(), mutexes.end());
+  mutexes.erase(std::unique(mutexes.begin(), mutexes.end()), mutexes.end());
+  return mutexes;
 }
 
 class FusedApplyOp : public OpKernel {
@@ -280,174 +443,170 @@ class FusedApplyOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const int n = num_variables_;
-    const int grads_start = n + 1;
-    const int scalars_start = grads_start + n;
-
     Scalars s;
-    float* const fields[] = {&s.alpha, &s.one_minus_beta_1,
-                             &s.one_minus_beta_2, &s.epsilon, &s.decay,
-                             &s.grad_scale, &s.ema_momentum,
-                             &s.ema_one_minus_momentum};
-    for (int k = 0; k < 8; ++k) {
-      const Tensor& t = ctx->input(scalars_start + k);
-      OP_REQUIRES(ctx, ::tensorflow::TensorShapeUtils::IsScalar(t.shape()),
-                  absl::InvalidArgumentError("hyperparameters must be scalars"));
-      *fields[k] = t.scalar<float>()();
-    }
-
-    const Tensor& apply = ctx->input(scalars_start + 8);
-    OP_REQUIRES(ctx, ::tensorflow::TensorShapeUtils::IsScalar(apply.shape()),
-                absl::InvalidArgumentError("apply must be a scalar"));
+    bool apply = true, accumulate = false;
+    OP_REQUIRES_OK(ctx, ReadScalars(ctx, &s, &apply, &accumulate));
 
     RefCountPtr<SlotTable> table;
     OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
                             ctx, ::tensorflow::HandleFromInput(ctx, n),
                             &table));
-    const bool amsgrad = table->amsgrad();
-    const bool averaged = table->averaged();
-    for (int i = 0; i < n; ++i) {
-      OP_REQUIRES(ctx,
-                  slot_indices_[i] >= 0 && slot_indices_[i] < table->size(),
-                  absl::InvalidArgumentError(absl::StrCat(
-                      "slot index ", slot_indices_[i], " of variable ", i,
-                      " is outside the slot table of ", table->size(),
-                      " variables")));
-    }
+    OP_REQUIRES_OK(ctx, CheckSlotIndices(slot_indices_, *table));
+    OP_REQUIRES_OK(ctx, CheckAccumulationSteps(s.accumulation_steps,
+                                               /*zero_means_none=*/true));
+    const bool accumulating =
+        table->accumulates() && s.accumulation_steps != 0.0f;
+    OP_REQUIRES(ctx, !accumulate || accumulating,
+                absl::InvalidArgumentError(
+                    "accumulate is true, but the slot table holds no "
+                    "accumulators or accumulation_steps is 0"));
+    OP_REQUIRES(ctx, !(apply && accumulate),
+                absl::InvalidArgumentError(
+                    "apply and accumulate are both true; a call either "
+                    "applies or only accumulates"));
 
-    // Look up every variable, then lock each distinct mutex once, in address
-    // order (the order TF's own training ops use, so no deadlock with them).
-    // The table keeps its slots alive while `table` is held.
+    // Look up every variable, then lock each distinct mutex once. The
+    // table keeps its slots alive while `table` is held.
     std::vector<RefCountPtr<Var>> variables(n);
     for (int i = 0; i < n; ++i) {
       OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
                               ctx, ::tensorflow::HandleFromInput(ctx, i),
                               &variables[i]));
     }
-    std::vector<::tensorflow::mutex*> mutexes;
-    mutexes.reserve((3 + amsgrad + averaged) * n);
-    for (int i = 0; i < n; ++i) {
-      const int k = slot_indices_[i];
-      mutexes.push_back(variables[i]->mu());
-      mutexes.push_back(table->momentum(k)->mu());
-      mutexes.push_back(table->velocity(k)->mu());
-      if (amsgrad) mutexes.push_back(table->velocity_hat(k)->mu());
-      if (averaged) mutexes.push_back(table->average(k)->mu());
-    }
-    std::sort(mutexes.begin(), mutexes.end());
-    mutexes.erase(std::unique(mutexes.begin(), mutexes.end()), mutexes.end());
     std::vector<::tensorflow::mutex_lock> locks;
-    locks.reserve(mutexes.size());
-    for (auto* mu : mutexes) locks.emplace_back(*mu);
+    for (auto* mu :
+         SortedMutexes(Touched(variables, *table, accumulating))) {
+      locks.emplace_back(*mu);
+    }
 
-    // Every check runs in this loop, before the first update below: an
-    // error leaves every value as it was (`Writable` may give a buffer a
-    // private copy, of the same values).
+    // Every check runs here, before the first write below: an error leaves
+    // every value as it was (`Writable` may give a buffer a private copy,
+    // of the same values). Only buffers this call writes are made
+    // writable.
     std::vector<Job> jobs(n);
+    std::vector<int64_t> sizes(n);
     for (int i = 0; i < n; ++i) {
-      Var* var = variables[i].get();
-      const int k = slot_indices_[i];
-      OP_REQUIRES(ctx, var->is_initialized,
-                  absl::FailedPreconditionError(absl::StrCat(
-                      "variable ", i, " is not initialized")));
-      const DataType dtype = var->tensor()->dtype();
-      OP_REQUIRES(ctx,
-                  dtype == ::tensorflow::DT_FLOAT ||
-                      dtype == ::tensorflow::DT_BFLOAT16 ||
-                      dtype == ::tensorflow::DT_HALF,
-                  absl::InvalidArgumentError(absl::StrCat(
-                      "variable ", i, " has dtype ", DataTypeString(dtype),
-                      "; the fused step takes float32, bfloat16 or float16")));
-      const int64_t size = var->tensor()->NumElements();
-      const Tensor& grad = ctx->input(grads_start + i);
-      // Full shapes, not just element counts: a [3,2] gradient must not
-      // update a [2,3] variable in flat order.
-      OP_REQUIRES_OK(ctx, CheckGradientShape(grad, *var->tensor(), i));
-      Job& job = jobs[i];
-      job.dtype = dtype;
-      job.size = size;
-      job.grad = grad.flat<float>().data();
-      job.use_decay = use_decay_[i];
-      OP_REQUIRES_OK(ctx, Writable(ctx, var, dtype, &job.var));
-      void* slot = nullptr;
-      OP_REQUIRES_OK(ctx, WritableSlot(ctx, table->momentum(k), size,
-                                       "momentum", i, &slot));
-      job.m = static_cast<float*>(slot);
-      OP_REQUIRES_OK(ctx, WritableSlot(ctx, table->velocity(k), size,
-                                       "velocity", i, &slot));
-      job.v = static_cast<float*>(slot);
-      job.v_hat = nullptr;
-      if (amsgrad) {
-        OP_REQUIRES_OK(ctx, WritableSlot(ctx, table->velocity_hat(k),
-                                         size, "velocity_hat", i, &slot));
-        job.v_hat = static_cast<float*>(slot);
-      }
-      job.average = nullptr;
-      if (averaged) {
-        OP_REQUIRES_OK(ctx, WritableSlot(ctx, table->average(k), size,
-                                         "average", i, &slot));
-        job.average = static_cast<float*>(slot);
-      }
+      OP_REQUIRES_OK(ctx, PrepareJob(ctx, variables[i].get(), *table, i,
+                                     apply, accumulate, accumulating,
+                                     &jobs[i]));
+      sizes[i] = jobs[i].size;
     }
-
-    // The concatenation of all variables is cut into one contiguous range of
-    // elements per thread; a step smaller than kMinPerThread elements per
-    // thread runs inline (thread hand-off would cost more than it saves).
-    if (!apply.scalar<bool>()()) return;
-
-    constexpr int64_t kMinPerThread = 1 << 17;
-    std::vector<int64_t> starts(n + 1, 0);
-    for (int i = 0; i < n; ++i) starts[i + 1] = starts[i] + jobs[i].size;
-    const int64_t total = starts[n];
-    auto run_elements = [&](int64_t first, int64_t last) {
-      int i = static_cast<int>(
-          std::upper_bound(starts.begin(), starts.end(), first) -
-          starts.begin() - 1);
-      for (; i < n && starts[i] < last; ++i) {
-        const int64_t begin = std::max(first, starts[i]) - starts[i];
-        const int64_t end = std::min(last, starts[i + 1]) - starts[i];
-        if (begin >= end) continue;
-        if (amsgrad) {
-          RunRange<true>(jobs[i], s, begin, end);
-        } else {
-          RunRange<false>(jobs[i], s, begin, end);
-        }
-      }
-    };
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    const int64_t threads =
-        workers == nullptr ? 1
-                           : std::min<int64_t>(workers->num_threads,
-                                               total / kMinPerThread);
-    if (threads <= 1) {
-      run_elements(0, total);
-      return;
+    if (apply) {
+      const bool amsgrad = table->amsgrad();
+      ForEachRange(ctx, sizes, /*bytes_per_element=*/28,
+                   [&](int i, int64_t begin, int64_t end) {
+                     if (amsgrad) {
+                       RunRange<true>(jobs[i], s, begin, end);
+                     } else {
+                       RunRange<false>(jobs[i], s, begin, end);
+                     }
+                   });
+    } else if (accumulate) {
+      // The accumulation stage's micro-step: accumulator + gradient.
+      ForEachRange(ctx, sizes, /*bytes_per_element=*/12,
+                   [&](int i, int64_t begin, int64_t end) {
+                     float* __restrict__ a = jobs[i].accumulator;
+                     const float* __restrict__ g = jobs[i].grad;
+                     for (int64_t j = begin; j < end; ++j) a[j] = a[j] + g[j];
+                   });
     }
-    // Ranges are multiples of 16 elements (64-byte cache lines of float32).
-    const int64_t per_thread = ((total + threads - 1) / threads + 15) / 16 * 16;
-    workers->workers->ParallelFor(
-        threads, /*cost_per_unit=*/per_thread * 28,
-        [&](int64_t first_shard, int64_t last_shard) {
-          for (int64_t k = first_shard; k < last_shard; ++k) {
-            run_elements(k * per_thread, std::min(total, (k + 1) * per_thread));
-          }
-        });
   }
 
  private:
-  // A pointer to the variable's buffer that no reader shares (TF's
-  // copy-on-write rule for resource variables, as in training_op_helpers.h).
-  static absl::Status Writable(OpKernelContext* ctx, Var* var, DataType dtype,
-                               void** out) {
-    Tensor* tensor = var->tensor();
-    if (var->copy_on_read_mode.load() || !tensor->RefCountIsOne()) {
-      Tensor copy;
-      TF_RETURN_IF_ERROR(
-          ctx->allocate_temp(dtype, tensor->shape(), &copy));
-      std::copy_n(static_cast<const char*>(tensor->data()),
-                  tensor->TotalBytes(), static_cast<char*>(copy.data()));
-      *tensor = copy;
+  // The float32 scalars (in the order of `Scalars`), then the flags.
+  static absl::Status ReadScalars(OpKernelContext* ctx, Scalars* s,
+                                  bool* apply, bool* accumulate) {
+    const std::pair<const char*, float*> fields[] = {
+        {"alpha", &s->alpha},
+        {"one_minus_beta_1", &s->one_minus_beta_1},
+        {"one_minus_beta_2", &s->one_minus_beta_2},
+        {"epsilon", &s->epsilon},
+        {"decay", &s->decay},
+        {"grad_scale", &s->grad_scale},
+        {"ema_momentum", &s->ema_momentum},
+        {"ema_one_minus_momentum", &s->ema_one_minus_momentum},
+        {"accumulation_steps", &s->accumulation_steps}};
+    for (const auto& field : fields) {
+      TF_RETURN_IF_ERROR(ScalarInput(ctx, field.first, field.second));
     }
-    *out = tensor->data();
+    TF_RETURN_IF_ERROR(ScalarInput(ctx, "apply", apply));
+    return ScalarInput(ctx, "accumulate", accumulate);
+  }
+
+  // Every variable and slot the call may write.
+  std::vector<Var*> Touched(const std::vector<RefCountPtr<Var>>& variables,
+                            const SlotTable& table, bool accumulating) const {
+    std::vector<Var*> touched;
+    touched.reserve(6 * variables.size());
+    for (size_t i = 0; i < variables.size(); ++i) {
+      const int k = slot_indices_[i];
+      touched.push_back(variables[i].get());
+      touched.push_back(table.momentum(k));
+      touched.push_back(table.velocity(k));
+      if (table.amsgrad()) touched.push_back(table.velocity_hat(k));
+      if (table.averaged()) touched.push_back(table.average(k));
+      if (accumulating) touched.push_back(table.accumulator(k));
+    }
+    return touched;
+  }
+
+  // Checks variable i and its slots and fills `job`; the buffers the call
+  // writes (all of them when `apply`, the accumulator when `accumulate`)
+  // are made writable. `accumulating`: the call uses the accumulators.
+  absl::Status PrepareJob(OpKernelContext* ctx, Var* var,
+                          const SlotTable& table, int i, bool apply,
+                          bool accumulate, bool accumulating,
+                          Job* job) const {
+    const int k = slot_indices_[i];
+    if (!var->is_initialized) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("variable ", i, " is not initialized"));
+    }
+    const DataType dtype = var->tensor()->dtype();
+    if (dtype != ::tensorflow::DT_FLOAT &&
+        dtype != ::tensorflow::DT_BFLOAT16 && dtype != ::tensorflow::DT_HALF) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "variable ", i, " has dtype ", DataTypeString(dtype),
+          "; the fused step takes float32, bfloat16 or float16"));
+    }
+    const int64_t size = var->tensor()->NumElements();
+    const Tensor& grad = ctx->input(num_variables_ + 1 + i);
+    // Full shapes, not just element counts: a [3,2] gradient must not
+    // update a [2,3] variable in flat order.
+    TF_RETURN_IF_ERROR(CheckGradientShape(grad, *var->tensor(), i));
+    job->dtype = dtype;
+    job->size = size;
+    job->grad = grad.flat<float>().data();
+    job->use_decay = use_decay_[i];
+    job->var = var->tensor()->data();
+    if (apply) TF_RETURN_IF_ERROR(Writable(ctx, var, dtype, &job->var));
+    void* slot = nullptr;
+    void** out = apply ? &slot : nullptr;
+    TF_RETURN_IF_ERROR(CheckSlot(ctx, table.momentum(k), size, "momentum", i,
+                                 out));
+    job->m = static_cast<float*>(slot);
+    TF_RETURN_IF_ERROR(CheckSlot(ctx, table.velocity(k), size, "velocity", i,
+                                 out));
+    job->v = static_cast<float*>(slot);
+    slot = nullptr;
+    if (table.amsgrad()) {
+      TF_RETURN_IF_ERROR(CheckSlot(ctx, table.velocity_hat(k), size,
+                                   "velocity_hat", i, out));
+    }
+    job->v_hat = static_cast<float*>(slot);
+    slot = nullptr;
+    if (table.averaged()) {
+      TF_RETURN_IF_ERROR(CheckSlot(ctx, table.average(k), size, "average", i,
+                                   out));
+    }
+    job->average = static_cast<float*>(slot);
+    slot = nullptr;
+    if (accumulating) {
+      TF_RETURN_IF_ERROR(CheckSlot(ctx, table.accumulator(k), size,
+                                   "accumulator", i,
+                                   apply || accumulate ? &slot : nullptr));
+    }
+    job->accumulator = static_cast<float*>(slot);
     return absl::OkStatus();
   }
 
@@ -466,25 +625,96 @@ class FusedApplyOp : public OpKernel {
         ")"));
   }
 
-  static absl::Status WritableSlot(OpKernelContext* ctx, Var* slot,
-                                   int64_t size, const char* kind, int i,
-                                   void** out) {
-    if (!slot->is_initialized) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(kind, " of variable ", i, " is not initialized"));
-    }
-    if (slot->tensor()->dtype() != ::tensorflow::DT_FLOAT ||
-        slot->tensor()->NumElements() != size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          kind, " of variable ", i, " must be float32 with ", size,
-          " elements; it is ", DataTypeString(slot->tensor()->dtype()),
-          " with ", slot->tensor()->NumElements()));
-    }
-    return Writable(ctx, slot, ::tensorflow::DT_FLOAT, out);
-  }
-
   int num_variables_;
   std::vector<bool> use_decay_;
+  std::vector<int> slot_indices_;
+};
+
+REGISTER_OP("TfAdamwAccumulatedMeans")
+    .Input("slot_table: resource")
+    .Input("grads: num_variables * float")
+    .Input("accumulation_steps: float")
+    .Input("compute: bool")
+    .Output("means: float")
+    .Attr("num_variables: int >= 1")
+    .Attr("slot_indices: list(int)")
+    .SetIsStateful()
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->Vector(c->UnknownDim()));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The mean gradients an accumulating fused step would apply, as one flat
+concatenation of (accumulator + gradient) / accumulation_steps for each
+variable i, whose accumulator is entry slot_indices[i] of slot_table. The
+pipeline's global clip takes their norm with the same TF reduction as the
+plain-ops step, so both round alike. When compute is false the output is
+empty (a call that only accumulates needs no norm). Changes nothing.
+)doc");
+
+class AccumulatedMeansOp : public OpKernel {
+ public:
+  explicit AccumulatedMeansOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_variables", &num_variables_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("slot_indices", &slot_indices_));
+    OP_REQUIRES(ctx,
+                static_cast<int>(slot_indices_.size()) == num_variables_,
+                absl::InvalidArgumentError(
+                    "slot_indices must have num_variables entries"));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const int n = num_variables_;
+    float k = 0.0f;
+    bool compute = false;
+    OP_REQUIRES_OK(ctx, ScalarInput(ctx, "accumulation_steps", &k));
+    OP_REQUIRES_OK(ctx, ScalarInput(ctx, "compute", &compute));
+    RefCountPtr<SlotTable> table;
+    OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
+                            ctx, ::tensorflow::HandleFromInput(ctx, 0),
+                            &table));
+    OP_REQUIRES(ctx, table->accumulates(),
+                absl::InvalidArgumentError(
+                    "the slot table holds no accumulators"));
+    OP_REQUIRES_OK(ctx, CheckSlotIndices(slot_indices_, *table));
+    OP_REQUIRES_OK(ctx, CheckAccumulationSteps(k, /*zero_means_none=*/false));
+    Tensor* out = nullptr;
+    if (!compute) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {0}, &out));
+      return;
+    }
+    std::vector<Var*> accumulators(n);
+    for (int i = 0; i < n; ++i) {
+      accumulators[i] = table->accumulator(slot_indices_[i]);
+    }
+    std::vector<::tensorflow::tf_shared_lock> locks;
+    for (auto* mu : SortedMutexes(accumulators)) locks.emplace_back(*mu);
+    std::vector<int64_t> sizes(n), offsets(n, 0);
+    std::vector<const float*> grads(n), sums(n);
+    int64_t total = 0;
+    for (int i = 0; i < n; ++i) {
+      const Tensor& grad = ctx->input(1 + i);
+      sizes[i] = grad.NumElements();
+      OP_REQUIRES_OK(ctx, CheckSlot(ctx, accumulators[i], sizes[i],
+                                    "accumulator", i, nullptr));
+      grads[i] = grad.flat<float>().data();
+      sums[i] = accumulators[i]->tensor()->flat<float>().data();
+      offsets[i] = total;
+      total += sizes[i];
+    }
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {total}, &out));
+    float* const means = out->flat<float>().data();
+    ForEachRange(ctx, sizes, /*bytes_per_element=*/12,
+                 [&](int i, int64_t begin, int64_t end) {
+                   float* __restrict__ mean = means + offsets[i];
+                   for (int64_t j = begin; j < end; ++j) {
+                     mean[j] = (sums[i][j] + grads[i][j]) / k;
+                   }
+                 });
+  }
+
+ private:
+  int num_variables_;
   std::vector<int> slot_indices_;
 };
 
@@ -498,8 +728,16 @@ REGISTER_KERNEL_BUILDER(Name("TfAdamwFusedApply")
                             .HostMemory("grad_scale")
                             .HostMemory("ema_momentum")
                             .HostMemory("ema_one_minus_momentum")
-                            .HostMemory("apply"),
+                            .HostMemory("apply")
+                            .HostMemory("accumulate")
+                            .HostMemory("accumulation_steps"),
                         FusedApplyOp);
+
+REGISTER_KERNEL_BUILDER(Name("TfAdamwAccumulatedMeans")
+                            .Device(::tensorflow::DEVICE_CPU)
+                            .HostMemory("accumulation_steps")
+                            .HostMemory("compute"),
+                        AccumulatedMeansOp);
 
 REGISTER_KERNEL_BUILDER(
     Name("TfAdamwSlotTable").Device(::tensorflow::DEVICE_CPU), SlotTableOp);

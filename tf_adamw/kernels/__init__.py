@@ -15,7 +15,7 @@ Three layers, so that the native build is cached apart from its use:
 
 Public API:
     load, unavailable_reason: the process's loaded kernel, or why not.
-    slot_table, fused_apply: the ops.
+    slot_table, fused_apply, accumulated_means: the ops.
     build, library_path, KernelBuildError, SOURCE: the build and its cache.
 """
 
@@ -26,11 +26,12 @@ from tf_adamw.kernels.builder import (
     library_path,
 )
 from tf_adamw.kernels.loader import load, unavailable_reason
-from tf_adamw.kernels.ops import fused_apply, slot_table
+from tf_adamw.kernels.ops import accumulated_means, fused_apply, slot_table
 
 __all__ = [
     "SOURCE",
     "KernelBuildError",
+    "accumulated_means",
     "build",
     "fused_apply",
     "library_path",

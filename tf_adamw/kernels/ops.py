@@ -9,7 +9,8 @@ import tensorflow as tf
 from tf_adamw.kernels import loader
 
 
-def slot_table(momentums, velocities, velocity_hats, averages=()):
+def slot_table(momentums, velocities, velocity_hats, averages=(),
+               accumulators=()):
     """A `TfAdamwSlotTable`: one device's slots, for `fused_apply`.
 
     Args:
@@ -18,6 +19,8 @@ def slot_table(momentums, velocities, velocity_hats, averages=()):
         velocity_hats: `[]`, or AMSGrad's maxima, one per model variable.
         averages: `[]`, or the EMA averages, one per model variable: then
             `fused_apply` also moves the averages.
+        accumulators: `[]`, or the gradient accumulators, one per model
+            variable: then `fused_apply` applies their mean or adds to them.
 
     Returns:
         A scalar resource tensor on that device (make it eagerly, under
@@ -28,13 +31,15 @@ def slot_table(momentums, velocities, velocity_hats, averages=()):
         momentums=[v.handle for v in momentums],
         velocities=[v.handle for v in velocities],
         velocity_hats=[v.handle for v in velocity_hats],
-        averages=[v.handle for v in averages])
+        averages=[v.handle for v in averages],
+        accumulators=[v.handle for v in accumulators])
 
 
 def fused_apply(variables, table, slot_indices, grads, *, alpha,
                 one_minus_beta_1, one_minus_beta_2, epsilon, decay,
                 use_decay, grad_scale=None, ema_momentum=None,
-                ema_one_minus_momentum=None, apply=None):
+                ema_one_minus_momentum=None, apply=None, accumulate=None,
+                accumulation_steps=None):
     """Runs the fused op: one AdamW step for all `variables`.
 
     Args:
@@ -53,7 +58,17 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
             `update.ema_update`, when the table holds averages (else
             unused; None for 0 and 1).
         apply: a bool scalar: False checks the inputs and changes nothing
-            (a skipped step); None for True.
+            (a skipped step); None for True. When `table` holds
+            accumulators and `accumulation_steps` is given, an applying
+            call applies the mean of the
+            accumulated gradients and this call's, `(accumulator + grad) /
+            accumulation_steps`, and zeroes the accumulators.
+        accumulate: a bool scalar, with accumulators only: True (and
+            `apply` False) adds the gradients to them and changes nothing
+            else; None for False.
+        accumulation_steps: float32 scalar, the number of calls one update
+            averages; None (0) for a step that leaves the table's
+            accumulators alone (it applies `grads` as they are).
 
     Returns:
         The op (graph mode) or None (eager).
@@ -66,7 +81,28 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
         ema_momentum=_or_constant(ema_momentum, 0.0),
         ema_one_minus_momentum=_or_constant(ema_one_minus_momentum, 1.0),
         apply=_or_constant(apply, True),
+        accumulate=_or_constant(accumulate, False),
+        accumulation_steps=_or_constant(accumulation_steps, 0.0),
         use_decay=list(use_decay), slot_indices=list(slot_indices))
+
+
+def accumulated_means(table, slot_indices, grads, accumulation_steps,
+                      compute):
+    """The mean gradients an accumulating `fused_apply` would apply, as one
+    flat float32 tensor: `(accumulator + grad) / accumulation_steps` for each
+    variable, flattened and concatenated in order (empty when `compute` is
+    False). Changes nothing.
+
+    Args:
+        table: a `slot_table` holding accumulators.
+        slot_indices: as in `fused_apply`.
+        grads: float32 tensors, one per variable.
+        accumulation_steps: float32 scalar.
+        compute: bool scalar.
+    """
+    return _loaded().tf_adamw_accumulated_means(
+        slot_table=table, grads=grads, accumulation_steps=accumulation_steps,
+        compute=compute, slot_indices=list(slot_indices))
 
 
 _EAGER_CONSTANTS = {}
