@@ -180,6 +180,37 @@ def test_fused_equals_tf_ops_bit_for_bit(mode, stages, dtype, amsgrad,
     _assert_identical(fused, ops, f"{mode} {dtype} amsgrad={amsgrad}")
 
 
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_variables_in_several_ops_equal_tf_ops_bit_for_bit(mode,
+                                                            monkeypatch):
+    """Past `VARIABLES_PER_OP` variables the step is several fused ops (and
+    several pieces of the accumulated means): the same values."""
+    monkeypatch.setattr(kernels.ops, "VARIABLES_PER_OP", 3)
+    fused_opt, fused = _train(mode, steps=7, **EVERY_STAGE)
+    _, ops = _train(mode, steps=7, fused=False, jit_compile=False,
+                    **EVERY_STAGE)
+    assert fused_opt.uses_fused_kernel
+    _assert_identical(fused, ops, f"{mode}, ops of 3 variables")
+
+
+def test_a_bad_input_in_a_later_op_writes_nothing(monkeypatch):
+    """Each op checks before it writes, and the later ops are checked
+    before the first writes: a bad gradient of the last variable leaves
+    the first one as it was."""
+    monkeypatch.setattr(kernels.ops, "VARIABLES_PER_OP", 1)
+    slots = [tf.Variable(tf.zeros([2])) for _ in range(4)]
+    table = kernels.slot_table(slots[:2], slots[2:], [])
+    variables = [tf.Variable([1.0, 2.0]), tf.Variable([3.0, 4.0])]
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="gradient 1 has 3 elements"):
+        kernels.fused_apply(variables, table, [0, 1],
+                            [tf.ones([2]), tf.ones([3])], alpha=0.1,
+                            one_minus_beta_1=0.1, one_minus_beta_2=0.001,
+                            epsilon=1e-7, decay=0.0, use_decay=[True, True])
+    np.testing.assert_array_equal(variables[0].numpy(), [1.0, 2.0])
+    np.testing.assert_array_equal(slots[0].numpy(), [0.0, 0.0])
+
+
 def test_a_step_function_captures_one_slot_table_not_the_slots():
     """The kernel reaches the slots through the optimizer's table: a
     function running the step has one input for all slots."""

@@ -90,6 +90,7 @@ REGISTER_OP("TfAdamwFusedApply")
     .Attr("num_variables: int >= 1")
     .Attr("use_decay: list(bool)")
     .Attr("slot_indices: list(int)")
+    .Attr("first_variable: int = 0")
     .SetIsStateful()
     .SetShapeFn(::tensorflow::shape_inference::NoOutputs)
     .Doc(R"doc(
@@ -110,7 +111,8 @@ accumulation) and accumulation_steps is not 0, the gradient above is the
 mean (accumulator + gradient) / accumulation_steps and the accumulator is
 then zeroed; a call with accumulate true (and apply false) only adds,
 accumulator += gradient. Apply and accumulate are never both true. With
-accumulation_steps 0 the accumulators are left alone;
+accumulation_steps 0 the accumulators are left alone. Error messages number
+the variables from first_variable (an op updating part of a list);
 slots and gradients are float32, and gradient i has variable i's shape. All
 inputs are checked before any value changes.
 )doc");
@@ -358,11 +360,11 @@ absl::Status ScalarInput(OpKernelContext* ctx, const char* name, T* out) {
 }
 
 absl::Status CheckSlotIndices(const std::vector<int>& slot_indices,
-                              const SlotTable& table) {
+                              const SlotTable& table, int first_variable) {
   for (size_t i = 0; i < slot_indices.size(); ++i) {
     if (slot_indices[i] < 0 || slot_indices[i] >= table.size()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "slot index ", slot_indices[i], " of variable ", i,
+          "slot index ", slot_indices[i], " of variable ", first_variable + i,
           " is outside the slot table of ", table.size(), " variables"));
     }
   }
@@ -432,6 +434,7 @@ class FusedApplyOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_variables", &num_variables_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("use_decay", &use_decay_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("slot_indices", &slot_indices_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("first_variable", &first_variable_));
     OP_REQUIRES(ctx, static_cast<int>(use_decay_.size()) == num_variables_,
                 absl::InvalidArgumentError(
                     "use_decay must have num_variables entries"));
@@ -451,7 +454,7 @@ class FusedApplyOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
                             ctx, ::tensorflow::HandleFromInput(ctx, n),
                             &table));
-    OP_REQUIRES_OK(ctx, CheckSlotIndices(slot_indices_, *table));
+    OP_REQUIRES_OK(ctx, CheckSlotIndices(slot_indices_, *table, first_variable_));
     OP_REQUIRES_OK(ctx, CheckAccumulationSteps(s.accumulation_steps,
                                                /*zero_means_none=*/true));
     const bool accumulating =
@@ -558,22 +561,23 @@ class FusedApplyOp : public OpKernel {
                           bool accumulate, bool accumulating,
                           Job* job) const {
     const int k = slot_indices_[i];
+    const int name = first_variable_ + i;  // in error messages
     if (!var->is_initialized) {
       return absl::FailedPreconditionError(
-          absl::StrCat("variable ", i, " is not initialized"));
+          absl::StrCat("variable ", name, " is not initialized"));
     }
     const DataType dtype = var->tensor()->dtype();
     if (dtype != ::tensorflow::DT_FLOAT &&
         dtype != ::tensorflow::DT_BFLOAT16 && dtype != ::tensorflow::DT_HALF) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "variable ", i, " has dtype ", DataTypeString(dtype),
+          "variable ", name, " has dtype ", DataTypeString(dtype),
           "; the fused step takes float32, bfloat16 or float16"));
     }
     const int64_t size = var->tensor()->NumElements();
     const Tensor& grad = ctx->input(num_variables_ + 1 + i);
     // Full shapes, not just element counts: a [3,2] gradient must not
     // update a [2,3] variable in flat order.
-    TF_RETURN_IF_ERROR(CheckGradientShape(grad, *var->tensor(), i));
+    TF_RETURN_IF_ERROR(CheckGradientShape(grad, *var->tensor(), name));
     job->dtype = dtype;
     job->size = size;
     job->grad = grad.flat<float>().data();
@@ -582,28 +586,28 @@ class FusedApplyOp : public OpKernel {
     if (apply) TF_RETURN_IF_ERROR(Writable(ctx, var, dtype, &job->var));
     void* slot = nullptr;
     void** out = apply ? &slot : nullptr;
-    TF_RETURN_IF_ERROR(CheckSlot(ctx, table.momentum(k), size, "momentum", i,
+    TF_RETURN_IF_ERROR(CheckSlot(ctx, table.momentum(k), size, "momentum", name,
                                  out));
     job->m = static_cast<float*>(slot);
-    TF_RETURN_IF_ERROR(CheckSlot(ctx, table.velocity(k), size, "velocity", i,
+    TF_RETURN_IF_ERROR(CheckSlot(ctx, table.velocity(k), size, "velocity", name,
                                  out));
     job->v = static_cast<float*>(slot);
     slot = nullptr;
     if (table.amsgrad()) {
       TF_RETURN_IF_ERROR(CheckSlot(ctx, table.velocity_hat(k), size,
-                                   "velocity_hat", i, out));
+                                   "velocity_hat", name, out));
     }
     job->v_hat = static_cast<float*>(slot);
     slot = nullptr;
     if (table.averaged()) {
-      TF_RETURN_IF_ERROR(CheckSlot(ctx, table.average(k), size, "average", i,
+      TF_RETURN_IF_ERROR(CheckSlot(ctx, table.average(k), size, "average", name,
                                    out));
     }
     job->average = static_cast<float*>(slot);
     slot = nullptr;
     if (accumulating) {
       TF_RETURN_IF_ERROR(CheckSlot(ctx, table.accumulator(k), size,
-                                   "accumulator", i,
+                                   "accumulator", name,
                                    apply || accumulate ? &slot : nullptr));
     }
     job->accumulator = static_cast<float*>(slot);
@@ -628,6 +632,7 @@ class FusedApplyOp : public OpKernel {
   int num_variables_;
   std::vector<bool> use_decay_;
   std::vector<int> slot_indices_;
+  int first_variable_;  // the number error messages give variable 0
 };
 
 REGISTER_OP("TfAdamwAccumulatedMeans")
@@ -638,6 +643,7 @@ REGISTER_OP("TfAdamwAccumulatedMeans")
     .Output("means: float")
     .Attr("num_variables: int >= 1")
     .Attr("slot_indices: list(int)")
+    .Attr("first_variable: int = 0")
     .SetIsStateful()
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->Vector(c->UnknownDim()));
@@ -649,7 +655,8 @@ concatenation of (accumulator + gradient) / accumulation_steps for each
 variable i, whose accumulator is entry slot_indices[i] of slot_table. The
 pipeline's global clip takes their norm with the same TF reduction as the
 plain-ops step, so both round alike. When compute is false the output is
-empty (a call that only accumulates needs no norm). Changes nothing.
+empty (a call that only accumulates needs no norm). Changes nothing. Error
+messages number the variables from first_variable.
 )doc");
 
 class AccumulatedMeansOp : public OpKernel {
@@ -657,6 +664,7 @@ class AccumulatedMeansOp : public OpKernel {
   explicit AccumulatedMeansOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_variables", &num_variables_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("slot_indices", &slot_indices_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("first_variable", &first_variable_));
     OP_REQUIRES(ctx,
                 static_cast<int>(slot_indices_.size()) == num_variables_,
                 absl::InvalidArgumentError(
@@ -676,7 +684,7 @@ class AccumulatedMeansOp : public OpKernel {
     OP_REQUIRES(ctx, table->accumulates(),
                 absl::InvalidArgumentError(
                     "the slot table holds no accumulators"));
-    OP_REQUIRES_OK(ctx, CheckSlotIndices(slot_indices_, *table));
+    OP_REQUIRES_OK(ctx, CheckSlotIndices(slot_indices_, *table, first_variable_));
     OP_REQUIRES_OK(ctx, CheckAccumulationSteps(k, /*zero_means_none=*/false));
     Tensor* out = nullptr;
     if (!compute) {
@@ -696,7 +704,8 @@ class AccumulatedMeansOp : public OpKernel {
       const Tensor& grad = ctx->input(1 + i);
       sizes[i] = grad.NumElements();
       OP_REQUIRES_OK(ctx, CheckSlot(ctx, accumulators[i], sizes[i],
-                                    "accumulator", i, nullptr));
+                                    "accumulator", first_variable_ + i,
+                                    nullptr));
       grads[i] = grad.flat<float>().data();
       sums[i] = accumulators[i]->tensor()->flat<float>().data();
       offsets[i] = total;
@@ -716,6 +725,7 @@ class AccumulatedMeansOp : public OpKernel {
  private:
   int num_variables_;
   std::vector<int> slot_indices_;
+  int first_variable_;  // the number error messages give variable 0
 };
 
 REGISTER_KERNEL_BUILDER(Name("TfAdamwFusedApply")

@@ -71,19 +71,49 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
             accumulators alone (it applies `grads` as they are).
 
     Returns:
-        The op (graph mode) or None (eager).
+        The op (graph mode; a group of them for more than
+        `VARIABLES_PER_OP` variables) or None (eager).
     """
-    return _loaded().tf_adamw_fused_apply(
-        variables=[v.handle for v in variables], slot_table=table,
-        grads=grads, alpha=alpha, one_minus_beta_1=one_minus_beta_1,
+    op = _loaded().tf_adamw_fused_apply
+    scalars = dict(
+        alpha=alpha, one_minus_beta_1=one_minus_beta_1,
         one_minus_beta_2=one_minus_beta_2, epsilon=epsilon, decay=decay,
         grad_scale=_or_constant(grad_scale, 1.0),
         ema_momentum=_or_constant(ema_momentum, 0.0),
         ema_one_minus_momentum=_or_constant(ema_one_minus_momentum, 1.0),
-        apply=_or_constant(apply, True),
-        accumulate=_or_constant(accumulate, False),
-        accumulation_steps=_or_constant(accumulation_steps, 0.0),
-        use_decay=list(use_decay), slot_indices=list(slot_indices))
+        accumulation_steps=_or_constant(accumulation_steps, 0.0))
+    chunks = _chunks(len(variables))
+
+    def run(chunk, apply, accumulate):
+        return op(variables=[v.handle for v in variables[chunk]],
+                  slot_table=table, grads=grads[chunk], apply=apply,
+                  accumulate=accumulate, use_decay=list(use_decay[chunk]),
+                  slot_indices=list(slot_indices[chunk]),
+                  first_variable=chunk.start, **scalars)
+
+    # Each op checks its inputs before it writes; the later chunks are
+    # checked first (a call that only checks), so that a bad input fails
+    # the step before any chunk writes. TF runs these ops in program order:
+    # they share the table.
+    no = _or_constant(None, False)
+    ops = [run(chunk, no, no) for chunk in chunks[1:]]
+    ops += [run(chunk, _or_constant(apply, True),
+                _or_constant(accumulate, False)) for chunk in chunks]
+    if tf.executing_eagerly():
+        return None
+    return ops[0] if len(ops) == 1 else tf.group(*ops)
+
+
+# Variables per fused op: TF's graph optimizer (grappler) spends time
+# quadratic in the inputs of one node (4,000 variables in one op: a 4.7 s
+# first call, against 2.6 s in ops of 512, and 0.6 s for 1,000 in one op).
+VARIABLES_PER_OP = 512
+
+
+def _chunks(n):
+    """Slices cutting `range(n)` into `VARIABLES_PER_OP`-long runs."""
+    return [slice(i, i + VARIABLES_PER_OP)
+            for i in range(0, n, VARIABLES_PER_OP)]
 
 
 def accumulated_means(table, slot_indices, grads, accumulation_steps,
@@ -100,9 +130,12 @@ def accumulated_means(table, slot_indices, grads, accumulation_steps,
         accumulation_steps: float32 scalar.
         compute: bool scalar.
     """
-    return _loaded().tf_adamw_accumulated_means(
-        slot_table=table, grads=grads, accumulation_steps=accumulation_steps,
-        compute=compute, slot_indices=list(slot_indices))
+    means = [_loaded().tf_adamw_accumulated_means(
+        slot_table=table, grads=grads[chunk],
+        accumulation_steps=accumulation_steps, compute=compute,
+        slot_indices=list(slot_indices[chunk]), first_variable=chunk.start)
+        for chunk in _chunks(len(grads))]
+    return means[0] if len(means) == 1 else tf.concat(means, 0)
 
 
 _EAGER_CONSTANTS = {}
