@@ -193,6 +193,37 @@ def test_variables_in_several_ops_equal_tf_ops_bit_for_bit(mode,
     _assert_identical(fused, ops, f"{mode}, ops of 3 variables")
 
 
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_accumulation_with_a_gradient_missing_equals_tf_ops(mode):
+    """A variable without a gradient on the applying call gets no update
+    and its stored sum is discarded (docs/semantics.md, step 4), as in the
+    plain-ops step, bit for bit."""
+    def run(**kwargs):
+        variables = [tf.Variable(v) for v in _initial()]
+        opt = AdamW(learning_rate=0.01, weight_decay=0.1, use_ema=True,
+                    global_clipnorm=1.0, gradient_accumulation_steps=2,
+                    **kwargs)
+
+        def step(grads):
+            opt.apply_gradients(zip(grads, variables))
+
+        if mode == "function":
+            step = tf.function(step)
+        for call in range(5):
+            grads = _grads(call, sparse=False)
+            if call in (1, 2):  # missing on an applying call, then an add
+                grads[2] = None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the dropped gradient's
+                step(grads)
+        return opt, _state(opt, variables)
+
+    fused_opt, fused = run()
+    _, ops = run(fused=False, jit_compile=False)
+    assert fused_opt.uses_fused_kernel
+    _assert_identical(fused, ops, mode)
+
+
 def test_a_bad_input_in_a_later_op_writes_nothing(monkeypatch):
     """Each op checks before it writes, and the later ops are checked
     before the first writes: a bad gradient of the last variable leaves

@@ -119,3 +119,33 @@ def test_default_keeps_keras_behaviour():
 def test_skip_nonfinite_gradients_must_be_bool():
     with pytest.raises(TypeError, match="skip_nonfinite_gradients"):
         tf_adamw.AdamW(skip_nonfinite_gradients="yes")
+
+
+def _op_types(function):
+    """The op types of a concrete function and of the functions it calls."""
+    graph = function.graph
+    types = [op.type for op in graph.get_operations()]
+    for inner in graph._functions.values():  # the branches of conditionals
+        types += [op.type for op in inner.graph.get_operations()]
+    return types
+
+
+@pytest.mark.parametrize("accumulation", [None, 2])
+def test_the_guard_is_no_conditional_around_the_tf_op_update(accumulation):
+    """Issue #13: the guard's verdict selects each write's old value
+    instead of branching around the update (XLA compiles a conditional's
+    branches apart and copies their operands); with accumulation it is the
+    third branch of accumulation's own conditional."""
+    variables = [tf.Variable(tf.zeros([3, 2])) for _ in range(5)]
+    optimizer = tf_adamw.AdamW(
+        use_ema=True, global_clipnorm=1.0, skip_nonfinite_gradients=True,
+        gradient_accumulation_steps=accumulation, fused=False,
+        jit_compile=False)
+    optimizer.build(variables)
+    step = tf.function(lambda grads: optimizer.apply(grads, variables))
+    types = _op_types(step.get_concrete_function(
+        [tf.TensorSpec([3, 2], tf.float32)] * 5))
+    conditionals = [t for t in types if t in (
+        "If", "StatelessIf", "Case", "StatelessCase")]
+    assert conditionals == ([] if accumulation is None else ["Case"]), (
+        conditionals)

@@ -247,7 +247,12 @@ def guard_and_apply(step, grads, scalars, valid=None):
     global norm infinite, and the step NaN. The sum is also the global
     norm's: `global_clipnorm` reuses it when it clips these very gradients
     (without accumulation), so the guard costs no extra pass there. A call
-    that is not `valid` is skipped the same way (one conditional for both).
+    that is not `valid` is skipped the same way.
+
+    The verdict is no conditional around the update, whose inputs would be
+    every variable's gradient and whose branches XLA compiles apart from
+    the rest: the stages take it as a predicate (`apply_update`), and
+    accumulation as a third branch of its own conditional.
     """
     checks = [] if valid is None else [valid]
     norm, finite = None, None
@@ -263,47 +268,41 @@ def guard_and_apply(step, grads, scalars, valid=None):
     applied = None
     if checks:
         applied = checks[0] if len(checks) == 1 else tf.logical_and(*checks)
-    if applied is None or _kernel_predicates(step, grads):
-        accumulate_or_apply(step, grads, scalars, norm, applied)
-        if applied is not None:
-            count_skipped(step, where=tf.logical_not(applied))
-    else:
-        applied = tf.cond(
-            applied,
-            lambda: _done(accumulate_or_apply(step, grads, scalars, norm)),
-            lambda: _done(count_skipped(step), value=False))
+    accumulate_or_apply(step, grads, scalars, norm, applied)
+    if applied is not None:
+        count_skipped(step, where=tf.logical_not(applied))
     adjust_loss_scale(step, finite, applied)
 
 
-def _kernel_predicates(step, grads):
-    """True when a call can be one fused kernel told whether to apply (and
-    whether to only accumulate), instead of a conditional around the
-    update: the kernel is the only per-variable work (no constraint or
-    overwritten variable, every variable has a gradient, so the EMA is all
-    in it, and with accumulation no clipping but the global clip, whose
-    norm `accumulated_means` gives). A conditional with 1,000 variables'
-    gradients as inputs costs more than the update itself."""
+def _kernel_accumulates(step, grads):
+    """True when the fused kernel does the accumulation (adds, or applies
+    the mean, told which by a flag) instead of a conditional around the
+    update: every variable has a gradient (an applying call zeroes every
+    accumulator), none is overwritten with its gradient (its accumulator
+    keeps a maximum), and no clipping but the global clip, whose norm of
+    the mean gradients `accumulated_means` gives. A conditional with
+    1,000 variables' gradients as inputs costs more than the update
+    itself."""
     rule = step.options.clip_rule()
     return (step.fused and not step.table.overwrites
-            and not step.table.constrained
             and len(grads) == len(step.state.variables)
-            and (not accumulates(step.options) or rule is None
-                 or rule[0] == "global_clipnorm"))
+            and (rule is None or rule[0] == "global_clipnorm"))
 
 
 def accumulate_or_apply(step, grads, scalars, norm=None, applied=None):
     """Step 4: every k-th call applies the mean of the k gradients.
 
     The calls in between only add: in the fused kernel when
-    `_kernel_predicates` holds, else in a tf.cond (so those calls skip the
-    update's memory traffic). `norm` is the global norm of `grads` if known
-    (without accumulation only); `applied`: for the kernel only, a bool
-    scalar, whether the call passed the guard (None: it did).
+    `_kernel_accumulates`, else in a conditional (so those calls skip the
+    update's memory traffic), whose third branch is a call the guard skips.
+    `norm` is the global norm of `grads` if known (without accumulation
+    only); `applied`: a bool scalar, whether the call passed the guard
+    (None: it did).
     """
     if not accumulates(step.options):
         apply_update(step, grads, scalars, norm, predicate=applied)
         return
-    if _kernel_predicates(step, grads):
+    if _kernel_accumulates(step, grads):
         accumulate_in_kernel(step, grads, scalars, applied)
         return
     k = step.options.gradient_accumulation_steps
@@ -330,7 +329,13 @@ def accumulate_or_apply(step, grads, scalars, norm=None, applied=None):
         count.assign_add(1)
         return tf.constant(False)
 
-    tf.cond(tf.equal(count + 1, k), apply_mean, add)
+    last = tf.equal(count + 1, k)
+    if applied is None:
+        tf.cond(last, apply_mean, add)
+        return
+    # 0: skipped by the guard (nothing to write), 1: add, 2: apply.
+    branch = tf.where(applied, tf.where(last, 2, 1), 0)
+    tf.switch_case(branch, [lambda: tf.constant(False), add, apply_mean])
 
 
 def accumulate_in_kernel(step, grads, scalars, applied=None):
@@ -373,12 +378,13 @@ def apply_update(step, grads, scalars, norm=None, predicate=None,
     """Steps 5-10 on the (mean) gradients `grads`: {index: tensor}.
 
     The overwritten variables are set first; the other stages run when
-    some other variable has a gradient (as in Keras). `predicate`: for the
-    fused kernel only (`_kernel_predicates`), a bool scalar, whether the
-    update applies at all (None: it does); `accumulate`: for the kernel
-    accumulating (`accumulate_in_kernel`), whether the call only adds.
+    some other variable has a gradient (as in Keras). `predicate`: a bool
+    scalar, whether the update applies at all (None: it does); when it
+    does not, the fused kernel is told so and every TF-op write selects
+    the old value (`_assign`). `accumulate`: for the kernel accumulating
+    (`accumulate_in_kernel`), whether the call only adds.
     """
-    grads = overwrite_with_gradient(step, grads)
+    grads = overwrite_with_gradient(step, grads, predicate)
     if grads:
         grads, grad_scale = clip(step, grads, norm)
         new_values, kernel = decay_and_adam(step, grads, scalars, grad_scale,
@@ -391,20 +397,31 @@ def apply_update(step, grads, scalars, norm=None, predicate=None,
                 moving_average(step, new_values,
                                in_kernel=set(grads) if step.fused else (),
                                predicate=predicate)
-        constrain(step, grads)
+        constrain(step, grads, predicate)
     step.state.iterations.assign_add(  # step 10
         1 if predicate is None else tf.cast(predicate, tf.int64),
         read_value=False)
 
 
-def overwrite_with_gradient(step, grads):
+def _assign(variable, value, predicate=None, old=None):
+    """`variable = value`, or (`predicate` False) its old value: `old`, the
+    value it was read as, else read here. A select, not a branch: XLA fuses
+    it into the loop computing `value`."""
+    if predicate is not None:
+        value = tf.where(predicate, value,
+                         variable.read_value() if old is None else old)
+    variable.assign(value, read_value=False)
+    return value
+
+
+def overwrite_with_gradient(step, grads, predicate=None):
     """Sets each overwritten variable to its value in `grads` (with
     accumulation: the maximum over the micro-steps); returns the others."""
     if not step.table.overwrites:
         return grads
     for i in sorted(step.table.overwrites.intersection(grads)):
         variable = step.state.variables[i]
-        variable.assign(tf.cast(grads[i], variable.dtype), read_value=False)
+        _assign(variable, tf.cast(grads[i], variable.dtype), predicate)
     return _regular(step, grads)
 
 
@@ -444,7 +461,7 @@ def decay_and_adam(step, grads, scalars, grad_scale=None, predicate=None,
     """
     order = sorted(grads)
     if not step.fused:
-        return {i: _decay_and_adam_one(step, i, grads[i], scalars)
+        return {i: _decay_and_adam_one(step, i, grads[i], scalars, predicate)
                 for i in order}, None
     # Every variable in one kernel, one pass over memory
     # (tf_adamw/cc/fused_adamw.cc does `update.adamw_update`'s math).
@@ -467,28 +484,30 @@ def decay_and_adam(step, grads, scalars, grad_scale=None, predicate=None,
     return {}, kernel
 
 
-def _decay_and_adam_one(step, i, grad, scalars):
-    """Steps 6 and 7 for variable `i` as TF ops; returns its new value."""
+def _decay_and_adam_one(step, i, grad, scalars, predicate=None):
+    """Steps 6 and 7 for variable `i` as TF ops; returns its value after
+    them (its old value when `predicate` is False)."""
     st = step.state
     variable = st.variables[i]
     dtype = step.table.compute_dtypes[i]
     s = scalars[dtype]
     # Each variable is read once (every use of a tf.Variable in an op would
     # add a read) and written without reading it back.
-    value, m, v, v_hat = update.adamw_update(
-        tf.cast(variable.read_value(), dtype), grad,
-        st.momentums[i].read_value(), st.velocities[i].read_value(),
-        st.velocity_hats[i].read_value() if step.options.amsgrad else None,
+    slots = [st.momentums[i], st.velocities[i]]
+    if step.options.amsgrad:
+        slots.append(st.velocity_hats[i])
+    old_value = variable.read_value()
+    old_slots = [slot.read_value() for slot in slots]
+    value, *new_slots = update.adamw_update(
+        tf.cast(old_value, dtype), grad, *old_slots[:2],
+        old_slots[2] if step.options.amsgrad else None,
         alpha=s["alpha"], one_minus_beta_1=s["one_minus_beta_1"],
         one_minus_beta_2=s["one_minus_beta_2"], epsilon=s["epsilon"],
         decay=s["decay"] if step.table.use_decay[i] else None)
-    st.momentums[i].assign(m, read_value=False)
-    st.velocities[i].assign(v, read_value=False)
-    if v_hat is not None:
-        st.velocity_hats[i].assign(v_hat, read_value=False)
-    value = tf.cast(value, variable.dtype)
-    variable.assign(value, read_value=False)
-    return value
+    for slot, new, old in zip(slots, new_slots, old_slots):
+        _assign(slot, new, predicate, old)
+    return _assign(variable, tf.cast(value, variable.dtype), predicate,
+                   old_value)
 
 
 def moving_average(step, new_values, in_kernel=(), predicate=None):
@@ -499,8 +518,8 @@ def moving_average(step, new_values, in_kernel=(), predicate=None):
         new_values: `{index: value}` of variables updated by TF ops this
             step; the others are read.
         in_kernel: indices whose average the fused kernel moved.
-        predicate: `apply_update`'s (the overwrite is due only if it
-            holds).
+        predicate: `apply_update`'s (the averages move and the overwrite
+            is due only if it holds).
     """
     if not averages(step.options):
         return
@@ -518,9 +537,10 @@ def moving_average(step, new_values, in_kernel=(), predicate=None):
             momentums[average.dtype] = update.ema_momentum(
                 options.ema_momentum, tf.equal(st.iterations, 0),
                 average.dtype)
-        average.assign(update.ema_update(
-            average, tf.cast(current, average.dtype),
-            momentums[average.dtype]))
+        old = average.read_value()
+        _assign(average, update.ema_update(
+            old, tf.cast(current, average.dtype), momentums[average.dtype]),
+            predicate, old)
     if options.ema_overwrite_frequency:
         due = tf.equal(
             (st.iterations + 1) % options.ema_overwrite_frequency, 0)
@@ -534,13 +554,14 @@ def moving_average(step, new_values, in_kernel=(), predicate=None):
                 lambda: tf.constant(False))
 
 
-def constrain(step, grads):
+def constrain(step, grads, predicate=None):
     """Step 9: each variable updated here that has a constraint is set to
     its projection, `constraint(value)` (after the EMA, as in Keras's
-    `apply`), on this replica's copy."""
+    `apply`), on this replica's copy (when `predicate` holds)."""
     for i in step.table.constrained:
         if i in grads:
             variable = step.state.variables[i]
-            projected = step.table.constraints[i](variable.read_value())
-            variable.assign(tf.cast(projected, variable.dtype),
-                            read_value=False)
+            old = variable.read_value()
+            projected = step.table.constraints[i](old)
+            _assign(variable, tf.cast(projected, variable.dtype), predicate,
+                    old)
