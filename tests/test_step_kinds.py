@@ -32,24 +32,26 @@ from tf_adamw.step_kinds import CallContext, Choice
 # (kernel_ready, only_kernel, eager, in_xla, saving) -> (kind, how), for
 # every combination that can occur (`in_xla` is never true eagerly).
 TRUTH_TABLE = [
-    # The kernel cannot run these variables: always the XLA function.
+    # The kernel cannot run these variables: the XLA function (or, inside
+    # an XLA context, its ops in the caller's compiled function).
     ((False, False, False, False, False), (XLA, FUNCTION)),
     ((False, False, False, False, True), (XLA, FUNCTION)),
-    ((False, False, False, True, False), (XLA, FUNCTION)),
-    ((False, False, False, True, True), (XLA, FUNCTION)),
+    ((False, False, False, True, False), (XLA, INLINE)),
+    ((False, False, False, True, True), (XLA, INLINE)),
     ((False, False, True, False, False), (XLA, FUNCTION)),
     ((False, False, True, False, True), (XLA, FUNCTION)),
     ((False, True, False, False, False), (XLA, FUNCTION)),
     ((False, True, False, False, True), (XLA, FUNCTION)),
-    ((False, True, False, True, False), (XLA, FUNCTION)),
-    ((False, True, False, True, True), (XLA, FUNCTION)),
+    ((False, True, False, True, False), (XLA, INLINE)),
+    ((False, True, False, True, True), (XLA, INLINE)),
     ((False, True, True, False, False), (XLA, FUNCTION)),
     ((False, True, True, False, True), (XLA, FUNCTION)),
-    # Kernel ready, traced inside an XLA context: XLA (no custom op there).
-    ((True, False, False, True, False), (XLA, FUNCTION)),
-    ((True, False, False, True, True), (XLA, FUNCTION)),
-    ((True, True, False, True, False), (XLA, FUNCTION)),
-    ((True, True, False, True, True), (XLA, FUNCTION)),
+    # Kernel ready, traced inside an XLA context: XLA (no custom op there),
+    # its ops straight into the caller's compiled function.
+    ((True, False, False, True, False), (XLA, INLINE)),
+    ((True, False, False, True, True), (XLA, INLINE)),
+    ((True, True, False, True, False), (XLA, INLINE)),
+    ((True, True, False, True, True), (XLA, INLINE)),
     # Kernel ready, traced in a plain graph: inline, plain ops when saving.
     ((True, False, False, False, False), (FUSED, INLINE)),
     ((True, False, False, False, True), (OPS, INLINE)),
