@@ -355,7 +355,7 @@ def accumulate_in_kernel(step, grads, scalars, applied=None):
     applies, adds = passed(last), passed(tf.logical_not(last))
     norm = None
     rule = step.options.clip_rule()
-    if rule is not None:  # the global clip (`_kernel_predicates`)
+    if rule is not None:  # the global clip (`_kernel_accumulates`)
         order = sorted(grads)
         norm = update.global_norm([kernels.accumulated_means(
             _slot_table(step), order, [grads[i] for i in order],

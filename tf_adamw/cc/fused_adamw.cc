@@ -359,18 +359,6 @@ absl::Status ScalarInput(OpKernelContext* ctx, const char* name, T* out) {
   return absl::OkStatus();
 }
 
-absl::Status CheckSlotIndices(const std::vector<int>& slot_indices,
-                              const SlotTable& table, int first_variable) {
-  for (size_t i = 0; i < slot_indices.size(); ++i) {
-    if (slot_indices[i] < 0 || slot_indices[i] >= table.size()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "slot index ", slot_indices[i], " of variable ", first_variable + i,
-          " is outside the slot table of ", table.size(), " variables"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 // The accumulation steps k: a finite k >= 1, or 0 where `zero_means_none`
 // (a step that leaves the accumulators alone).
 absl::Status CheckAccumulationSteps(float k, bool zero_means_none) {
@@ -428,24 +416,50 @@ std::vector<::tensorflow::mutex*> SortedMutexes(const std::vector<Var*>& vars) {
   return mutexes;
 }
 
+// The attributes both ops have about their list of variables.
+struct VariableList {
+  int num_variables = 0;
+  std::vector<int> slot_indices;  // each variable's entry in the slot table
+  int first_variable = 0;         // the number error messages give variable 0
+
+  absl::Status Read(OpKernelConstruction* ctx) {
+    TF_RETURN_IF_ERROR(ctx->GetAttr("num_variables", &num_variables));
+    TF_RETURN_IF_ERROR(ctx->GetAttr("slot_indices", &slot_indices));
+    TF_RETURN_IF_ERROR(ctx->GetAttr("first_variable", &first_variable));
+    if (static_cast<int>(slot_indices.size()) != num_variables) {
+      return absl::InvalidArgumentError(
+          "slot_indices must have num_variables entries");
+    }
+    return absl::OkStatus();
+  }
+
+  // Every slot index is an entry of `table`.
+  absl::Status CheckSlotIndices(const SlotTable& table) const {
+    for (int i = 0; i < num_variables; ++i) {
+      if (slot_indices[i] < 0 || slot_indices[i] >= table.size()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "slot index ", slot_indices[i], " of variable ",
+            first_variable + i, " is outside the slot table of ",
+            table.size(), " variables"));
+      }
+    }
+    return absl::OkStatus();
+  }
+};
+
 class FusedApplyOp : public OpKernel {
  public:
   explicit FusedApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_variables", &num_variables_));
+    OP_REQUIRES_OK(ctx, list_.Read(ctx));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("use_decay", &use_decay_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("slot_indices", &slot_indices_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("first_variable", &first_variable_));
-    OP_REQUIRES(ctx, static_cast<int>(use_decay_.size()) == num_variables_,
+    OP_REQUIRES(ctx,
+                static_cast<int>(use_decay_.size()) == list_.num_variables,
                 absl::InvalidArgumentError(
                     "use_decay must have num_variables entries"));
-    OP_REQUIRES(ctx,
-                static_cast<int>(slot_indices_.size()) == num_variables_,
-                absl::InvalidArgumentError(
-                    "slot_indices must have num_variables entries"));
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const int n = num_variables_;
+    const int n = list_.num_variables;
     Scalars s;
     bool apply = true, accumulate = false;
     OP_REQUIRES_OK(ctx, ReadScalars(ctx, &s, &apply, &accumulate));
@@ -454,7 +468,7 @@ class FusedApplyOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ::tensorflow::LookupResource(
                             ctx, ::tensorflow::HandleFromInput(ctx, n),
                             &table));
-    OP_REQUIRES_OK(ctx, CheckSlotIndices(slot_indices_, *table, first_variable_));
+    OP_REQUIRES_OK(ctx, list_.CheckSlotIndices(*table));
     OP_REQUIRES_OK(ctx, CheckAccumulationSteps(s.accumulation_steps,
                                                /*zero_means_none=*/true));
     const bool accumulating =
@@ -542,7 +556,7 @@ class FusedApplyOp : public OpKernel {
     std::vector<Var*> touched;
     touched.reserve(6 * variables.size());
     for (size_t i = 0; i < variables.size(); ++i) {
-      const int k = slot_indices_[i];
+      const int k = list_.slot_indices[i];
       touched.push_back(variables[i].get());
       touched.push_back(table.momentum(k));
       touched.push_back(table.velocity(k));
@@ -560,8 +574,8 @@ class FusedApplyOp : public OpKernel {
                           const SlotTable& table, int i, bool apply,
                           bool accumulate, bool accumulating,
                           Job* job) const {
-    const int k = slot_indices_[i];
-    const int name = first_variable_ + i;  // in error messages
+    const int k = list_.slot_indices[i];
+    const int name = list_.first_variable + i;  // in error messages
     if (!var->is_initialized) {
       return absl::FailedPreconditionError(
           absl::StrCat("variable ", name, " is not initialized"));
@@ -574,7 +588,7 @@ class FusedApplyOp : public OpKernel {
           "; the fused step takes float32, bfloat16 or float16"));
     }
     const int64_t size = var->tensor()->NumElements();
-    const Tensor& grad = ctx->input(num_variables_ + 1 + i);
+    const Tensor& grad = ctx->input(list_.num_variables + 1 + i);
     // Full shapes, not just element counts: a [3,2] gradient must not
     // update a [2,3] variable in flat order.
     TF_RETURN_IF_ERROR(CheckGradientShape(grad, *var->tensor(), name));
@@ -629,10 +643,8 @@ class FusedApplyOp : public OpKernel {
         ")"));
   }
 
-  int num_variables_;
+  VariableList list_;
   std::vector<bool> use_decay_;
-  std::vector<int> slot_indices_;
-  int first_variable_;  // the number error messages give variable 0
 };
 
 REGISTER_OP("TfAdamwAccumulatedMeans")
@@ -662,17 +674,11 @@ messages number the variables from first_variable.
 class AccumulatedMeansOp : public OpKernel {
  public:
   explicit AccumulatedMeansOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_variables", &num_variables_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("slot_indices", &slot_indices_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("first_variable", &first_variable_));
-    OP_REQUIRES(ctx,
-                static_cast<int>(slot_indices_.size()) == num_variables_,
-                absl::InvalidArgumentError(
-                    "slot_indices must have num_variables entries"));
+    OP_REQUIRES_OK(ctx, list_.Read(ctx));
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const int n = num_variables_;
+    const int n = list_.num_variables;
     float k = 0.0f;
     bool compute = false;
     OP_REQUIRES_OK(ctx, ScalarInput(ctx, "accumulation_steps", &k));
@@ -684,7 +690,7 @@ class AccumulatedMeansOp : public OpKernel {
     OP_REQUIRES(ctx, table->accumulates(),
                 absl::InvalidArgumentError(
                     "the slot table holds no accumulators"));
-    OP_REQUIRES_OK(ctx, CheckSlotIndices(slot_indices_, *table, first_variable_));
+    OP_REQUIRES_OK(ctx, list_.CheckSlotIndices(*table));
     OP_REQUIRES_OK(ctx, CheckAccumulationSteps(k, /*zero_means_none=*/false));
     Tensor* out = nullptr;
     if (!compute) {
@@ -693,7 +699,7 @@ class AccumulatedMeansOp : public OpKernel {
     }
     std::vector<Var*> accumulators(n);
     for (int i = 0; i < n; ++i) {
-      accumulators[i] = table->accumulator(slot_indices_[i]);
+      accumulators[i] = table->accumulator(list_.slot_indices[i]);
     }
     std::vector<::tensorflow::tf_shared_lock> locks;
     for (auto* mu : SortedMutexes(accumulators)) locks.emplace_back(*mu);
@@ -704,7 +710,7 @@ class AccumulatedMeansOp : public OpKernel {
       const Tensor& grad = ctx->input(1 + i);
       sizes[i] = grad.NumElements();
       OP_REQUIRES_OK(ctx, CheckSlot(ctx, accumulators[i], sizes[i],
-                                    "accumulator", first_variable_ + i,
+                                    "accumulator", list_.first_variable + i,
                                     nullptr));
       grads[i] = grad.flat<float>().data();
       sums[i] = accumulators[i]->tensor()->flat<float>().data();
@@ -723,9 +729,7 @@ class AccumulatedMeansOp : public OpKernel {
   }
 
  private:
-  int num_variables_;
-  std::vector<int> slot_indices_;
-  int first_variable_;  // the number error messages give variable 0
+  VariableList list_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("TfAdamwFusedApply")

@@ -60,9 +60,9 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
         apply: a bool scalar: False checks the inputs and changes nothing
             (a skipped step); None for True. When `table` holds
             accumulators and `accumulation_steps` is given, an applying
-            call applies the mean of the
-            accumulated gradients and this call's, `(accumulator + grad) /
-            accumulation_steps`, and zeroes the accumulators.
+            call applies the mean of the accumulated gradients and this
+            call's, `(accumulator + grad) / accumulation_steps`, and zeroes
+            the accumulators.
         accumulate: a bool scalar, with accumulators only: True (and
             `apply` False) adds the gradients to them and changes nothing
             else; None for False.
@@ -74,7 +74,6 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
         The op (graph mode; a group of them for more than
         `VARIABLES_PER_OP` variables) or None (eager).
     """
-    op = _loaded().tf_adamw_fused_apply
     scalars = dict(
         alpha=alpha, one_minus_beta_1=one_minus_beta_1,
         one_minus_beta_2=one_minus_beta_2, epsilon=epsilon, decay=decay,
@@ -82,23 +81,33 @@ def fused_apply(variables, table, slot_indices, grads, *, alpha,
         ema_momentum=_or_constant(ema_momentum, 0.0),
         ema_one_minus_momentum=_or_constant(ema_one_minus_momentum, 1.0),
         accumulation_steps=_or_constant(accumulation_steps, 0.0))
-    chunks = _chunks(len(variables))
+    return _apply_in_chunks(
+        variables, table, slot_indices, grads, list(use_decay), scalars,
+        _or_constant(apply, True), _or_constant(accumulate, False))
+
+
+def _apply_in_chunks(variables, table, slot_indices, grads, use_decay,
+                     scalars, apply, accumulate):
+    """`fused_apply` as one op per `VARIABLES_PER_OP` variables.
+
+    Each op checks its inputs before it writes; the later chunks are
+    checked first (a call that only checks), so that a bad input fails the
+    step before any chunk writes. TF runs these ops in program order: they
+    share the table.
+    """
+    op = _loaded().tf_adamw_fused_apply
 
     def run(chunk, apply, accumulate):
         return op(variables=[v.handle for v in variables[chunk]],
                   slot_table=table, grads=grads[chunk], apply=apply,
-                  accumulate=accumulate, use_decay=list(use_decay[chunk]),
+                  accumulate=accumulate, use_decay=use_decay[chunk],
                   slot_indices=list(slot_indices[chunk]),
                   first_variable=chunk.start, **scalars)
 
-    # Each op checks its inputs before it writes; the later chunks are
-    # checked first (a call that only checks), so that a bad input fails
-    # the step before any chunk writes. TF runs these ops in program order:
-    # they share the table.
+    chunks = _chunks(len(variables))
     no = _or_constant(None, False)
     ops = [run(chunk, no, no) for chunk in chunks[1:]]
-    ops += [run(chunk, _or_constant(apply, True),
-                _or_constant(accumulate, False)) for chunk in chunks]
+    ops += [run(chunk, apply, accumulate) for chunk in chunks]
     if tf.executing_eagerly():
         return None
     return ops[0] if len(ops) == 1 else tf.group(*ops)
