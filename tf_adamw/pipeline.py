@@ -362,10 +362,8 @@ def accumulate_in_kernel(step, grads, scalars, applied=None):
             tf.constant(float(k)), applies)])
     apply_update(step, grads, scalars, norm, predicate=applies,
                  accumulate=adds)
-    after = tf.where(last, tf.zeros_like(before), before + 1)
-    if applied is not None:
-        after = tf.where(applied, after, before)
-    count.assign(after, read_value=False)
+    _assign(count, tf.where(last, tf.zeros_like(before), before + 1),
+            applied, before)
 
 
 def _slot_table(step):

@@ -56,9 +56,9 @@ def sum_of_squares(grads):
 
     The tensors of each dtype are summed together in that dtype and the
     sums are added in the widest of those dtypes (`tf.add_n` refuses mixed
-    dtypes: float32 and float64 variables together). Non-finite when an element is NaN or Inf
-    or when squares (or their sum) overflow: the global norm needs it
-    finite, and so does the step (`v` holds `g * g`).
+    dtypes: float32 and float64 variables together). Non-finite when an
+    element is NaN or Inf or when squares (or their sum) overflow: the
+    global norm needs it finite, and so does the step (`v` holds `g * g`).
     """
     by_dtype = {}
     for g in grads:
@@ -71,9 +71,9 @@ def sum_of_squares(grads):
     sums = [tf.reduce_sum(tf.square(
         tf.concat([tf.reshape(g, [-1]) for g in group], 0)
         if len(group) > 1 else group[0])) for group in by_dtype.values()]
-    widest = max((s.dtype for s in sums), key=lambda dtype: dtype.size)
     if len(sums) == 1:
         return sums[0]
+    widest = max((s.dtype for s in sums), key=lambda dtype: dtype.size)
     return tf.add_n([s if s.dtype == widest else tf.cast(s, widest)
                      for s in sums])
 
