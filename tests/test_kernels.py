@@ -124,8 +124,9 @@ ACCUMULATION = dict(gradient_accumulation_steps=2)
 # variables with their averages) and one call that only adds.
 EVERY_STAGE = dict(EMA_AND_CLIP, gradient_accumulation_steps=2,
                    skip_nonfinite_gradients=True)
-STAGE_STEPS = {"bare": 4, "ema_and_clip": 4, "accumulation": 5,
-               "every_stage": 7}
+# (options, calls) of each row of the bit-identity matrix.
+STAGES = {"bare": ({}, 4), "ema_and_clip": (EMA_AND_CLIP, 4),
+          "accumulation": (ACCUMULATION, 5), "every_stage": (EVERY_STAGE, 7)}
 
 
 def _step_op_types(n, **kwargs):
@@ -159,8 +160,7 @@ def test_ema_clip_guard_and_accumulation_add_no_op_per_variable(
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
-@pytest.mark.parametrize("stages", [{}, EMA_AND_CLIP, ACCUMULATION,
-                                    EVERY_STAGE], ids=list(STAGE_STEPS))
+@pytest.mark.parametrize("stages", list(STAGES))
 @pytest.mark.parametrize("dtype,amsgrad,sparse", [
     ("float32", False, False),
     ("float32", True, True),
@@ -170,8 +170,7 @@ def test_ema_clip_guard_and_accumulation_add_no_op_per_variable(
 def test_fused_equals_tf_ops_bit_for_bit(mode, stages, dtype, amsgrad,
                                          sparse):
     """The kernel is the pipeline's own arithmetic, rounded identically."""
-    steps = STAGE_STEPS[list(STAGE_STEPS)[
-        [{}, EMA_AND_CLIP, ACCUMULATION, EVERY_STAGE].index(stages)]]
+    stages, steps = STAGES[stages]
     fused_opt, fused = _train(mode, dtype, steps=steps, sparse=sparse,
                               amsgrad=amsgrad, **stages)
     ops_opt, ops = _train(mode, dtype, steps=steps, sparse=sparse,
