@@ -385,16 +385,12 @@ def apply_update(step, grads, scalars, norm=None, predicate=None,
     grads = overwrite_with_gradient(step, grads, predicate)
     if grads:
         grads, grad_scale = clip(step, grads, norm)
-        new_values, kernel = decay_and_adam(step, grads, scalars, grad_scale,
-                                            predicate, accumulate)
-        if averages(step.options):
-            # The kernel writes the averages of its variables through the
-            # slot table, out of TF's sight: what reads them next waits
-            # for it.
-            with tf.control_dependencies([] if kernel is None else [kernel]):
-                moving_average(step, new_values,
-                               in_kernel=set(grads) if step.fused else (),
-                               predicate=predicate)
+        averaged, kernel = decay_and_adam(step, grads, scalars, grad_scale,
+                                          predicate, accumulate)
+        # The kernel writes through the slot table, out of TF's sight: what
+        # reads the variables next waits for it.
+        with tf.control_dependencies([] if kernel is None else [kernel]):
+            moving_average(step, averaged, predicate)
         constrain(step, grads, predicate)
     step.state.iterations.assign_add(  # step 10
         1 if predicate is None else tf.cast(predicate, tf.int64),
@@ -428,16 +424,17 @@ def clip(step, grads, norm=None):
     global norm of `grads` if known).
 
     Returns:
-        `(grads, grad_scale)`: the fused kernel multiplies by the global
-        clip's factor itself (`grad_scale`, one scalar, no op per
-        variable); otherwise `grads` are clipped here and `grad_scale` is
-        None.
+        `(grads, grad_scale)`: the global clip's factor is one scalar
+        (`grad_scale`) that `decay_and_adam` multiplies each gradient by
+        where it reads it (`update.clip_by_global_norm`'s product, no op
+        per variable here); the other rules clip `grads` here and
+        `grad_scale` is None.
     """
     if not clips(step.options):
         return grads, None
     order = sorted(grads)
     rule = step.options.clip_rule()
-    if step.fused and rule[0] == "global_clipnorm":
+    if rule[0] == "global_clipnorm":
         if norm is None:
             norm = update.global_norm([grads[i] for i in order])
         return grads, update.global_clip_scale(norm, rule[1])
@@ -447,75 +444,137 @@ def clip(step, grads, norm=None):
 
 def decay_and_adam(step, grads, scalars, grad_scale=None, predicate=None,
                    accumulate=None):
-    """Steps 6 and 7, with `scalars` of `evaluate_scalars` (and the fused
-    kernel's share of steps 4, 5 and 8: the accumulators when `accumulate`
-    is given, `grad_scale` of `clip`, and the EMA of its variables;
-    `predicate` and `accumulate` of `apply_update`).
+    """Steps 6 and 7 for the variables of `grads`, with the EMA of step 8
+    for each (and the fused kernel's share of steps 4 and 5: the
+    accumulators when `accumulate` is given); `scalars` of
+    `evaluate_scalars`, `grad_scale` of `clip`, `predicate` and
+    `accumulate` of `apply_update`.
 
     Returns:
-        `({index: new value} where known without a read (the per-variable
-        ops), the kernel's op or None)`: `({}, op)` after the kernel (None
-        when eager).
+        `(indices whose average moved, the kernel's op)`; the op is None
+        for the per-variable ops and when eager.
     """
     order = sorted(grads)
+    ema_momentums = _ema_momentums(step)
+    averaged = set(order) if ema_momentums else set()
     if not step.fused:
-        return {i: _decay_and_adam_one(step, i, grads[i], scalars, predicate)
-                for i in order}, None
+        one = update_variable if tf.executing_eagerly() else _traced()
+        for i in order:
+            one(*_update_variable_args(step, i, grads[i], scalars,
+                                       grad_scale, ema_momentums, predicate))
+        return averaged, None
     # Every variable in one kernel, one pass over memory
     # (tf_adamw/cc/fused_adamw.cc does `update.adamw_update`'s math).
     s = scalars[tf.float32]
-    ema = (None, None)
-    if averages(step.options):
-        ema = update.ema_momentum(step.options.ema_momentum,
-                                  tf.equal(step.state.iterations, 0),
-                                  tf.float32)
+    momentum, one_minus_momentum = (
+        ema_momentums(tf.float32) if ema_momentums else (None, None))
     kernel = kernels.fused_apply(
         [step.state.variables[i] for i in order], _slot_table(step), order,
         [grads[i] for i in order], alpha=s["alpha"],
         one_minus_beta_1=s["one_minus_beta_1"],
         one_minus_beta_2=s["one_minus_beta_2"], epsilon=s["epsilon"],
         decay=s["decay"], use_decay=[step.table.use_decay[i] for i in order],
-        grad_scale=grad_scale, ema_momentum=ema[0],
-        ema_one_minus_momentum=ema[1], apply=predicate,
+        grad_scale=grad_scale, ema_momentum=momentum,
+        ema_one_minus_momentum=one_minus_momentum, apply=predicate,
         accumulate=accumulate, accumulation_steps=None if accumulate is None
         else tf.constant(float(step.options.gradient_accumulation_steps)))
-    return {}, kernel
+    return averaged, kernel
 
 
-def _decay_and_adam_one(step, i, grad, scalars, predicate=None):
-    """Steps 6 and 7 for variable `i` as TF ops; returns its value after
-    them (its old value when `predicate` is False)."""
-    st = step.state
-    variable = st.variables[i]
-    dtype = step.table.compute_dtypes[i]
-    s = scalars[dtype]
+def _ema_momentums(step):
+    """`dtype -> update.ema_momentum` of this step, each made once; None
+    without EMA."""
+    if not averages(step.options):
+        return None
+    made = {}
+
+    def momentum(dtype):
+        if dtype not in made:
+            made[dtype] = update.ema_momentum(
+                step.options.ema_momentum,
+                tf.equal(step.state.iterations, 0), dtype)
+        return made[dtype]
+    return momentum
+
+
+def _traced():
+    """`update_variable` as a function traced once per kind of variable
+    (dtype, rank, options) and called once per variable: on 1,000
+    variables the graph to trace and optimise is seven times smaller, and
+    XLA compiles faster (docs/performance.md, "Many variables").
+
+    A new one for each step traced: a trace keeps the variables it was
+    traced with, weakly, and refuses to run once they are gone, so one
+    shared across optimizers fails when the first is deleted. Shapes are
+    generalised after the first trace (`reduce_retracing`): 1,000
+    variables of 1,000 shapes trace a handful of times, not 1,000.
+    """
+    return tf.function(update_variable, autograph=False,
+                       reduce_retracing=True)
+
+
+def _update_variable_args(step, i, grad, scalars, grad_scale=None,
+                          ema_momentums=None, predicate=None):
+    """The arguments of `update_variable` for variable `i`
+    (`ema_momentums` of `_ema_momentums`)."""
+    st, options = step.state, step.options
+    s = scalars[step.table.compute_dtypes[i]]
+    hyper = (s["alpha"], s["one_minus_beta_1"], s["one_minus_beta_2"],
+             s["epsilon"], s["decay"] if step.table.use_decay[i] else None)
+    # `grads` holds no overwritten variable here: each one averaged has
+    # its average.
+    average = None if ema_momentums is None else st.averages[i]
+    return (st.variables[i], st.momentums[i], st.velocities[i],
+            st.velocity_hats[i] if options.amsgrad else None, average, grad,
+            hyper, grad_scale,
+            None if average is None else ema_momentums(average.dtype),
+            predicate)
+
+
+def update_variable(variable, momentum, velocity, velocity_hat, average,
+                    grad, hyper, grad_scale=None, ema=None, predicate=None):
+    """One variable's weight decay, Adam and EMA, as TF ops.
+
+    Args:
+        variable, momentum, velocity: its copy and its slots.
+        velocity_hat, average: its AMSGrad and EMA slots, or None.
+        grad: its gradient, in the compute dtype.
+        hyper: `(alpha, one_minus_beta_1, one_minus_beta_2, epsilon,
+            decay or None)` of `update.adamw_update`.
+        grad_scale: the global clip's factor, or None.
+        ema: `update.ema_momentum` for `average`, or None.
+        predicate: a bool scalar, whether to write new values (None: do).
+    """
     # Each variable is read once (every use of a tf.Variable in an op would
     # add a read) and written without reading it back.
-    slots = [st.momentums[i], st.velocities[i]]
-    if step.options.amsgrad:
-        slots.append(st.velocity_hats[i])
+    if grad_scale is not None:
+        grad = grad * tf.cast(grad_scale, grad.dtype)
+    slots = [s for s in (momentum, velocity, velocity_hat) if s is not None]
     old_value = variable.read_value()
     old_slots = [slot.read_value() for slot in slots]
+    alpha, one_minus_beta_1, one_minus_beta_2, epsilon, decay = hyper
     value, *new_slots = update.adamw_update(
-        tf.cast(old_value, dtype), grad, *old_slots[:2],
-        old_slots[2] if step.options.amsgrad else None,
-        alpha=s["alpha"], one_minus_beta_1=s["one_minus_beta_1"],
-        one_minus_beta_2=s["one_minus_beta_2"], epsilon=s["epsilon"],
-        decay=s["decay"] if step.table.use_decay[i] else None)
+        tf.cast(old_value, grad.dtype), grad, *old_slots[:2],
+        old_slots[2] if velocity_hat is not None else None, alpha=alpha,
+        one_minus_beta_1=one_minus_beta_1, one_minus_beta_2=one_minus_beta_2,
+        epsilon=epsilon, decay=decay)
     for slot, new, old in zip(slots, new_slots, old_slots):
         _assign(slot, new, predicate, old)
-    return _assign(variable, tf.cast(value, variable.dtype), predicate,
-                   old_value)
+    value = _assign(variable, tf.cast(value, variable.dtype), predicate,
+                    old_value)
+    if average is not None:
+        old = average.read_value()
+        _assign(average, update.ema_update(
+            old, tf.cast(value, average.dtype), ema), predicate, old)
 
 
-def moving_average(step, new_values, in_kernel=(), predicate=None):
-    """Step 8: the EMA of every built variable, then the periodic overwrite.
+def moving_average(step, averaged=(), predicate=None):
+    """Step 8: the EMA of the variables `decay_and_adam` did not average
+    (those without a gradient this call), then the periodic overwrite.
 
     Args:
         step: the `Step`.
-        new_values: `{index: value}` of variables updated by TF ops this
-            step; the others are read.
-        in_kernel: indices whose average the fused kernel moved.
+        averaged: indices whose average `decay_and_adam` moved.
         predicate: `apply_update`'s (the averages move and the overwrite
             is due only if it holds).
     """
@@ -523,22 +582,17 @@ def moving_average(step, new_values, in_kernel=(), predicate=None):
         return
     st, options = step.state, step.options
     overwrites = step.table.overwrites
-    momentums = {}  # dtype -> update.ema_momentum
+    ema_momentums = _ema_momentums(step)
     for i, variable in enumerate(st.variables):
         # An overwritten variable is not averaged (Keras keeps no average
         # for it).
-        if i in overwrites or i in in_kernel:
+        if i in overwrites or i in averaged:
             continue
-        current = new_values[i] if i in new_values else variable.read_value()
         average = st.averages[i]
-        if average.dtype not in momentums:
-            momentums[average.dtype] = update.ema_momentum(
-                options.ema_momentum, tf.equal(st.iterations, 0),
-                average.dtype)
         old = average.read_value()
         _assign(average, update.ema_update(
-            old, tf.cast(current, average.dtype), momentums[average.dtype]),
-            predicate, old)
+            old, tf.cast(variable.read_value(), average.dtype),
+            ema_momentums(average.dtype)), predicate, old)
     if options.ema_overwrite_frequency:
         due = tf.equal(
             (st.iterations + 1) % options.ema_overwrite_frequency, 0)
