@@ -501,7 +501,7 @@ def _traced():
     """`update_variable` as a function traced once per kind of variable
     (dtype, rank, options) and called once per variable: on 1,000
     variables the graph to trace and optimise is seven times smaller, and
-    XLA compiles faster (docs/performance.md, "Many variables").
+    XLA compiles faster (benchmarks/README.md, "The `many` layout").
 
     A new one for each step traced: a trace keeps the variables it was
     traced with, weakly, and refuses to run once they are gone, so one
