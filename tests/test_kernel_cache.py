@@ -13,6 +13,8 @@
   `$TF_ADAMW_KERNEL_DIR`) is refused, and so is a library file that is not:
   a planted library never runs, even with a matching checksum beside it.
 - A build deletes the partial files that killed builds left behind.
+- -march=native flags that do not compile fall back in order, and the
+  real build's update loop is vectorised.
 - The cached path starts no process.
 
 Loads run in child processes: a crash there fails the test rather than
@@ -221,6 +223,43 @@ def test_a_compiler_writing_garbage_fails_the_build(
     assert outcome["loaded"], outcome["reason"]
     assert runs.read_text() == "run\n"
     _assert_verified(directory / _name(), good_library)
+
+
+def test_a_compiler_refusing_the_native_flags_gets_the_next_ones(
+        tmp_path, monkeypatch, good_library):
+    """-march=native fails to compile TF's Eigen where it enables
+    AVX512-FP16 (Sapphire Rapids, GCC 12): the build tries it without
+    that, then without -march, and keeps the first that compiles."""
+    directory = _private_dir(tmp_path / "kernels")
+    log = tmp_path / "compiler_args"
+    body = (f'echo "$ARGS" >> "{log}"\n'
+            'case "$ARGS" in\n'
+            '  *-mno-avx512fp16*) cp "' + str(good_library) + '" "$out" ;;\n'
+            '  *-march=native*) echo "PacketMathFP16.h: error" >&2; exit 1 ;;\n'
+            '  *) exit 1 ;;\n'
+            'esac\n')
+    script = _script(tmp_path / "picky_cxx", body)
+    # _script's loop shifts the arguments away: keep them first.
+    script.write_text(script.read_text().replace(
+        "#!/bin/sh\n", '#!/bin/sh\nARGS="$*"\n', 1))
+    monkeypatch.setenv("CXX", str(script))
+    assert kernels.build(directory=str(directory)) == str(directory / _name())
+    runs = log.read_text().splitlines()
+    assert len(runs) == 2, runs
+    assert "-march=native" in runs[0] and "-mno-avx512fp16" not in runs[0]
+    assert "-march=native -mno-avx512fp16" in runs[1]
+    _assert_verified(directory / _name(), good_library)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64" or not
+                    shutil.which("objdump"), reason="reads x86-64 code")
+def test_the_real_build_vectorises_the_update_loop():
+    """The float loop compiles to packed square roots: with a branch in its
+    body (an option tested per element) it compiled to scalar code at half
+    the memory bandwidth on one thread."""
+    code = subprocess.run(["objdump", "-d", kernels.build()],
+                          capture_output=True, text=True, check=True).stdout
+    assert "sqrtps" in code
 
 
 def test_load_says_why_when_rebuilding_a_bad_library_fails(

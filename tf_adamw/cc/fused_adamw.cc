@@ -212,40 +212,40 @@ struct Scalars {
   float accumulation_steps;
 };
 
-// The gradient a step applies: with an accumulator, the mean of the
-// accumulated micro-steps and this one, `(accumulator + gradient) / k` as
-// the pipeline's accumulation stage computes it (the accumulator is then
-// zeroed); else the gradient itself.
-inline float MeanGradient(const float* __restrict__ grad,
-                          float* __restrict__ accumulator, int64_t j,
-                          float accumulation_steps) {
-  if (accumulator == nullptr) return grad[j];
-  const float mean = (accumulator[j] + grad[j]) / accumulation_steps;
-  accumulator[j] = 0.0f;
-  return mean;
-}
-
 // Elements [begin, end) of one variable. The loop body is, operation by
-// operation, the accumulation stage's mean (`MeanGradient`), the global
-// clip's `g * scale` (`update.clip_by_global_norm`), `adamw_update` and,
-// when `average` is not null, `update.ema_update` of the value as stored.
-template <typename T, bool kAmsgrad>
+// operation, the accumulation stage's mean `(accumulator + gradient) / k`
+// (the accumulator is then zeroed), the global clip's `g * scale`
+// (`update.clip_by_global_norm`), `adamw_update` and, with an average,
+// `update.ema_update` of the value as stored. Every option is a template
+// flag, so the body has no branch and the compiler vectorises it (IEEE
+// vector add, mul, div and sqrt round as the scalar ones do; no FMA).
+template <typename T, bool kAmsgrad, bool kDecay, bool kAccumulate,
+          bool kAverage>
 void UpdateRange(T* __restrict__ var, const float* __restrict__ grad,
                  float* __restrict__ accumulator, float* __restrict__ m,
                  float* __restrict__ v, float* __restrict__ v_hat,
                  float* __restrict__ average, const Scalars& s,
-                 bool use_decay, int64_t begin, int64_t end) {
-  const float decay = s.decay;
+                 int64_t begin, int64_t end) {
+  const float decay = s.decay, grad_scale = s.grad_scale;
+  const float one_minus_beta_1 = s.one_minus_beta_1;
+  const float one_minus_beta_2 = s.one_minus_beta_2;
+  const float alpha = s.alpha, epsilon = s.epsilon;
+  const float ema_momentum = s.ema_momentum;
+  const float ema_one_minus_momentum = s.ema_one_minus_momentum;
+  const float accumulation_steps = s.accumulation_steps;
   for (int64_t j = begin; j < end; ++j) {
     float x = static_cast<float>(var[j]);
     // Not `x * 0` for excluded variables: that would turn an infinite x
     // into NaN where the reference leaves it alone.
-    if (use_decay) x = x - x * decay;
-    const float g =
-        MeanGradient(grad, accumulator, j, s.accumulation_steps) *
-        s.grad_scale;
-    const float new_m = m[j] + (g - m[j]) * s.one_minus_beta_1;
-    const float new_v = v[j] + (g * g - v[j]) * s.one_minus_beta_2;
+    if (kDecay) x = x - x * decay;
+    float g = grad[j];
+    if (kAccumulate) {
+      g = (accumulator[j] + g) / accumulation_steps;
+      accumulator[j] = 0.0f;
+    }
+    g = g * grad_scale;
+    const float new_m = m[j] + (g - m[j]) * one_minus_beta_1;
+    const float new_v = v[j] + (g * g - v[j]) * one_minus_beta_2;
     m[j] = new_m;
     v[j] = new_v;
     float denominator_v = new_v;
@@ -253,12 +253,12 @@ void UpdateRange(T* __restrict__ var, const float* __restrict__ grad,
       denominator_v = std::max(v_hat[j], new_v);
       v_hat[j] = denominator_v;
     }
-    x = x - (new_m * s.alpha) / (std::sqrt(denominator_v) + s.epsilon);
+    x = x - (new_m * alpha) / (std::sqrt(denominator_v) + epsilon);
     const T stored = static_cast<T>(x);
     var[j] = stored;
-    if (average != nullptr) {
-      average[j] = s.ema_momentum * average[j] +
-                   s.ema_one_minus_momentum * static_cast<float>(stored);
+    if (kAverage) {
+      average[j] = ema_momentum * average[j] +
+                   ema_one_minus_momentum * static_cast<float>(stored);
     }
   }
 }
@@ -277,25 +277,43 @@ struct Job {
   int64_t size;
 };
 
+using RangeFn = void (*)(const Job&, const Scalars&, int64_t, int64_t);
+
+// UpdateRange for one dtype and the flags packed in kFlags (bit 0: decay,
+// 1: accumulate, 2: average).
+template <typename T, bool kAmsgrad, int kFlags>
+void UpdateJobRange(const Job& job, const Scalars& s, int64_t begin,
+                    int64_t end) {
+  UpdateRange<T, kAmsgrad, (kFlags & 1) != 0, (kFlags & 2) != 0,
+              (kFlags & 4) != 0>(static_cast<T*>(job.var), job.grad,
+                                 job.accumulator, job.m, job.v, job.v_hat,
+                                 job.average, s, begin, end);
+}
+
+template <typename T, bool kAmsgrad>
+RangeFn RangeFor(int flags) {
+  static constexpr RangeFn kByFlags[8] = {
+      &UpdateJobRange<T, kAmsgrad, 0>, &UpdateJobRange<T, kAmsgrad, 1>,
+      &UpdateJobRange<T, kAmsgrad, 2>, &UpdateJobRange<T, kAmsgrad, 3>,
+      &UpdateJobRange<T, kAmsgrad, 4>, &UpdateJobRange<T, kAmsgrad, 5>,
+      &UpdateJobRange<T, kAmsgrad, 6>, &UpdateJobRange<T, kAmsgrad, 7>};
+  return kByFlags[flags];
+}
+
 template <bool kAmsgrad>
 void RunRange(const Job& job, const Scalars& s, int64_t begin, int64_t end) {
+  const int flags = (job.use_decay ? 1 : 0) |
+                    (job.accumulator != nullptr ? 2 : 0) |
+                    (job.average != nullptr ? 4 : 0);
   switch (job.dtype) {
     case ::tensorflow::DT_FLOAT:
-      UpdateRange<float, kAmsgrad>(static_cast<float*>(job.var), job.grad,
-                                   job.accumulator, job.m, job.v, job.v_hat,
-                                   job.average, s, job.use_decay, begin, end);
+      RangeFor<float, kAmsgrad>(flags)(job, s, begin, end);
       break;
     case ::tensorflow::DT_BFLOAT16:
-      UpdateRange<::tensorflow::bfloat16, kAmsgrad>(
-          static_cast<::tensorflow::bfloat16*>(job.var), job.grad,
-          job.accumulator, job.m, job.v, job.v_hat, job.average, s,
-          job.use_decay, begin, end);
+      RangeFor<::tensorflow::bfloat16, kAmsgrad>(flags)(job, s, begin, end);
       break;
     case ::tensorflow::DT_HALF:
-      UpdateRange<Eigen::half, kAmsgrad>(
-          static_cast<Eigen::half*>(job.var), job.grad, job.accumulator,
-          job.m, job.v, job.v_hat, job.average, s, job.use_decay, begin,
-          end);
+      RangeFor<Eigen::half, kAmsgrad>(flags)(job, s, begin, end);
       break;
     default:
       break;  // Rejected before any job runs.

@@ -52,7 +52,11 @@ _PACKAGE_DIR = os.path.join(_PACKAGE_ROOT, "_kernels")
 # write for negative inputs, which cannot occur). -march=native: the library
 # is built on the machine that runs it (the CPU is part of the cache key).
 _OPTIMIZE = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
-_NATIVE = ["-march=native"]
+# Tried in order. TensorFlow 2.21's bundled Eigen does not compile with
+# AVX512-FP16 enabled (PacketMathFP16.h, GCC 12), which -march=native turns
+# on for Sapphire Rapids and newer: those CPUs keep AVX-512 without it.
+# Last, no -march at all: a compiler that knows none of these.
+_ARCH_FLAGS = (["-march=native"], ["-march=native", "-mno-avx512fp16"], [])
 # Beside each library: its SHA-256, written once the library has loaded.
 _CHECKSUM = ".sha256"
 # Importing TensorFlow in the checking child takes seconds; a busy machine
@@ -94,7 +98,8 @@ def _key():
     parts = [source, tf.__version__.encode(), tf.sysconfig.get_include()
              .encode(), " ".join(tf.sysconfig.get_compile_flags() +
                                  tf.sysconfig.get_link_flags()).encode(),
-             " ".join(_OPTIMIZE).encode(), _cpu_signature().encode(),
+             " ".join(_OPTIMIZE).encode(), repr(_ARCH_FLAGS).encode(),
+             _cpu_signature().encode(),
              sys.version.encode()]
     digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return f"fused_adamw_tf{tf.__version__}_{digest}.so"
@@ -311,10 +316,10 @@ def _build_verified(compiler, path):
                                    dir=directory)
     os.close(fd)
     try:
-        ok, command, output = _compile(compiler, partial, _NATIVE)
-        if not ok:
-            # A compiler that does not know -march=native.
-            ok, command, output = _compile(compiler, partial, [])
+        for arch_flags in _ARCH_FLAGS:
+            ok, command, output = _compile(compiler, partial, arch_flags)
+            if ok:
+                break
         if not ok:
             raise KernelBuildError(
                 f"compiling the fused AdamW kernel failed:\n{command}\n"
