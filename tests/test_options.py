@@ -169,6 +169,16 @@ def test_check_argument_refuses_the_bad_value_naming_it(row):
     assert f"Received: {row.name}=" in message
 
 
+@pytest.mark.parametrize("name", ["learning_rat", "name", "weight_decay "])
+def test_check_argument_refuses_an_unknown_name_naming_it(name):
+    """A misspelt argument (or one with no rule, like `name`) is a
+    ValueError naming it, not a KeyError."""
+    with pytest.raises(ValueError, match="is not an AdamW argument") as info:
+        options.check_argument(name, 0.5)
+    assert f"Received: {name}=0.5" in str(info.value)
+    assert "learning_rate" in str(info.value)
+
+
 @pytest.mark.parametrize("name", HYPERPARAMETERS)
 def test_check_hyperparameter_is_check_argument(name):
     """The hyperparameters' numeric rule is the same through both entries."""

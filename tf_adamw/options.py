@@ -151,10 +151,16 @@ def check_argument(name, value, *, use_ema=False):
         The checked value.
 
     Raises:
-        TypeError, ValueError: naming the argument and the value.
+        TypeError, ValueError: naming the argument and the value; a
+            ValueError for a name that is no such argument.
     """
     if name == "ema_momentum":
         return _ema_momentum(value, use_ema)
+    if name not in _RULES:
+        raise ValueError(
+            f"`{name}` is not an AdamW argument with a rule of its own; "
+            f"known: {', '.join(sorted([*_RULES, 'ema_momentum']))}. "
+            f"Received: {name}={value!r}")
     return _RULES[name](name, value)
 
 
