@@ -251,8 +251,8 @@ def guard_and_apply(step, grads, scalars, valid=None):
 
     The verdict is no conditional around the update, whose inputs would be
     every variable's gradient and whose branches XLA compiles apart from
-    the rest: the stages take it as a predicate (`apply_update`), and
-    accumulation as a third branch of its own conditional.
+    the rest: the stages take it as a predicate (`apply_update`,
+    `accumulate_or_apply`).
     """
     checks = [] if valid is None else [valid]
     norm, finite = None, None
@@ -276,13 +276,11 @@ def guard_and_apply(step, grads, scalars, valid=None):
 
 def _kernel_accumulates(step, grads):
     """True when the fused kernel does the accumulation (adds, or applies
-    the mean, told which by a flag) instead of a conditional around the
-    update: every variable has a gradient (an applying call zeroes every
-    accumulator), none is overwritten with its gradient (its accumulator
-    keeps a maximum), and no clipping but the global clip, whose norm of
-    the mean gradients `accumulated_means` gives. A conditional with
-    1,000 variables' gradients as inputs costs more than the update
-    itself."""
+    the mean, told which by a flag) instead of TF ops reading, adding and
+    writing every accumulator: every variable has a gradient (an applying
+    call zeroes every accumulator), none is overwritten with its gradient
+    (its accumulator keeps a maximum), and no clipping but the global
+    clip, whose norm of the mean gradients `accumulated_means` gives."""
     rule = step.options.clip_rule()
     return (step.fused and not step.table.overwrites
             and len(grads) == len(step.state.variables)
@@ -292,9 +290,13 @@ def _kernel_accumulates(step, grads):
 def accumulate_or_apply(step, grads, scalars, norm=None, applied=None):
     """Step 4: every k-th call applies the mean of the k gradients.
 
-    The calls in between only add: in the fused kernel when
-    `_kernel_accumulates`, else in a conditional (so those calls skip the
-    update's memory traffic), whose third branch is a call the guard skips.
+    In the fused kernel when `_kernel_accumulates`, else as TF ops: every
+    call computes the update from the means and writes it only on the
+    k-th (`apply_update`'s predicate), and every accumulator is written
+    with a select (the sum, zeros after an applying call, or unchanged).
+    No conditional: XLA would compile both branches and copy every
+    variable a branch leaves alone on every call (on 1,000 variables
+    inside `jit_compile=True` that cost more per call than the update).
     `norm` is the global norm of `grads` if known (without accumulation
     only); `applied`: a bool scalar, whether the call passed the guard
     (None: it did).
@@ -307,35 +309,44 @@ def accumulate_or_apply(step, grads, scalars, norm=None, applied=None):
         return
     k = step.options.gradient_accumulation_steps
     accumulators = step.state.accumulators
-    count = step.state.accumulation_count
     overwrites = step.table.overwrites
+    last, applies, _ = _accumulation_flags(step, applied)
+    olds = [accumulator.read_value() for accumulator in accumulators]
     # An overwritten variable's accumulator keeps the maximum (Keras's
     # rule, `_overwrite_variables_directly_with_gradients`).
-    summed = {i: tf.maximum(g, accumulators[i]) if i in overwrites
-              else accumulators[i] + g for i, g in grads.items()}
+    summed = {i: tf.maximum(g, olds[i]) if i in overwrites else olds[i] + g
+              for i, g in grads.items()}
+    apply_update(step, {i: s if i in overwrites else s / tf.cast(k, s.dtype)
+                        for i, s in summed.items()}, scalars,
+                 predicate=applies)
+    for i, (accumulator, old) in enumerate(zip(accumulators, olds)):
+        if i in summed:
+            _assign(accumulator, tf.where(last, tf.zeros_like(old),
+                                          summed[i]), applied, old)
+        else:  # no gradient this call: zeroed only by an applying call
+            _assign(accumulator, tf.zeros_like(old), applies, old)
+    _count_accumulation(step, last, applied)
 
-    def apply_mean():
-        apply_update(step, {i: s if i in overwrites
-                            else s / tf.cast(k, s.dtype)
-                            for i, s in summed.items()}, scalars)
-        for accumulator in accumulators:
-            accumulator.assign(tf.zeros_like(accumulator))
-        count.assign(0)
-        return tf.constant(True)
 
-    def add():
-        for i, s in summed.items():
-            accumulators[i].assign(s)
-        count.assign_add(1)
-        return tf.constant(False)
-
-    last = tf.equal(count + 1, k)
+def _accumulation_flags(step, applied=None):
+    """`(last, applies, adds)`: whether this is the k-th call, and whether
+    it applies the mean or only adds (False for both when the guard,
+    `applied`, skips it)."""
+    last = tf.equal(step.state.accumulation_count + 1,
+                    step.options.gradient_accumulation_steps)
     if applied is None:
-        tf.cond(last, apply_mean, add)
-        return
-    # 0: skipped by the guard (nothing to write), 1: add, 2: apply.
-    branch = tf.where(applied, tf.where(last, 2, 1), 0)
-    tf.switch_case(branch, [lambda: tf.constant(False), add, apply_mean])
+        return last, last, tf.logical_not(last)
+    return (last, tf.logical_and(applied, last),
+            tf.logical_and(applied, tf.logical_not(last)))
+
+
+def _count_accumulation(step, last, applied=None):
+    """`accumulation_count` after a call the guard passed (`applied`):
+    back to 0 after the k-th, else one more."""
+    count = step.state.accumulation_count
+    before = count.read_value()
+    _assign(count, tf.where(last, tf.zeros_like(before), before + 1),
+            applied, before)
 
 
 def accumulate_in_kernel(step, grads, scalars, applied=None):
@@ -347,12 +358,7 @@ def accumulate_in_kernel(step, grads, scalars, applied=None):
     reduction the plain-ops step uses, so both round alike. `applied`: as
     in `accumulate_or_apply`."""
     k = step.options.gradient_accumulation_steps
-    count = step.state.accumulation_count
-    before = count.read_value()
-    last = tf.equal(before + 1, k)
-    passed = (lambda b: b) if applied is None else (
-        lambda b: tf.logical_and(applied, b))
-    applies, adds = passed(last), passed(tf.logical_not(last))
+    last, applies, adds = _accumulation_flags(step, applied)
     norm = None
     rule = step.options.clip_rule()
     if rule is not None:  # the global clip (`_kernel_accumulates`)
@@ -362,8 +368,7 @@ def accumulate_in_kernel(step, grads, scalars, applied=None):
             tf.constant(float(k)), applies)])
     apply_update(step, grads, scalars, norm, predicate=applies,
                  accumulate=adds)
-    _assign(count, tf.where(last, tf.zeros_like(before), before + 1),
-            applied, before)
+    _count_accumulation(step, last, applied)
 
 
 def _slot_table(step):
@@ -553,13 +558,20 @@ def update_variable(variable, momentum, velocity, velocity_hat, average,
     old_value = variable.read_value()
     old_slots = [slot.read_value() for slot in slots]
     alpha, one_minus_beta_1, one_minus_beta_2, epsilon, decay = hyper
-    value, *new_slots = update.adamw_update(
-        tf.cast(old_value, grad.dtype), grad, *old_slots[:2],
-        old_slots[2] if velocity_hat is not None else None, alpha=alpha,
-        one_minus_beta_1=one_minus_beta_1, one_minus_beta_2=one_minus_beta_2,
+    new_slots = update.adam_moments(
+        grad, *old_slots[:2],
+        old_slots[2] if velocity_hat is not None else None,
+        one_minus_beta_1=one_minus_beta_1, one_minus_beta_2=one_minus_beta_2)
+    # The variable's step reads the slots as written (the new values, or
+    # with `predicate` False the old ones, and then the step is discarded):
+    # from the unselected values, XLA would recompute them in the
+    # variable's kernel from the old slots, which the slots' own kernels
+    # overwrite in place, and copy every slot first.
+    written = [_assign(slot, new, predicate, old)
+               for slot, new, old in zip(slots, new_slots, old_slots)]
+    value = update.adamw_variable(
+        tf.cast(old_value, grad.dtype), written[0], written[-1], alpha=alpha,
         epsilon=epsilon, decay=decay)
-    for slot, new, old in zip(slots, new_slots, old_slots):
-        _assign(slot, new, predicate, old)
     value = _assign(variable, tf.cast(value, variable.dtype), predicate,
                     old_value)
     if average is not None:

@@ -221,20 +221,38 @@ def adamw_update(
         `(variable, momentum, velocity, velocity_hat)` after the step;
         `velocity_hat` is None when it was None.
     """
+    momentum, velocity, velocity_hat = adam_moments(
+        grad, momentum, velocity, velocity_hat,
+        one_minus_beta_1=one_minus_beta_1, one_minus_beta_2=one_minus_beta_2)
+    variable = adamw_variable(
+        variable, momentum,
+        velocity if velocity_hat is None else velocity_hat, alpha=alpha,
+        epsilon=epsilon, decay=decay)
+    return variable, momentum, velocity, velocity_hat
+
+
+def adam_moments(grad, momentum, velocity, velocity_hat, *,
+                 one_minus_beta_1, one_minus_beta_2):
+    """The first half of `adamw_update`: `(momentum, velocity,
+    velocity_hat)` after the step (`velocity_hat` None when it was None)."""
+    momentum = momentum + (grad - momentum) * one_minus_beta_1
+    velocity = velocity + (tf.square(grad) - velocity) * one_minus_beta_2
+    if velocity_hat is not None:
+        velocity_hat = tf.maximum(velocity_hat, velocity)
+    return momentum, velocity, velocity_hat
+
+
+def adamw_variable(variable, momentum, denominator_velocity, *, alpha,
+                   epsilon, decay):
+    """The second half of `adamw_update`: the variable after the step, from
+    the new `momentum` and `denominator_velocity` (the new velocity, or
+    AMSGrad's new maximum)."""
     if decay is not None:
         # Decoupled weight decay, applied before the Adam step (Keras order:
         # `variable - variable * weight_decay * learning_rate`).
         variable = variable - variable * decay
-    momentum = momentum + (grad - momentum) * one_minus_beta_1
-    velocity = velocity + (tf.square(grad) - velocity) * one_minus_beta_2
-    denominator_velocity = velocity
-    if velocity_hat is not None:
-        velocity_hat = tf.maximum(velocity_hat, velocity)
-        denominator_velocity = velocity_hat
-    variable = variable - (momentum * alpha) / (
-        tf.sqrt(denominator_velocity) + epsilon
-    )
-    return variable, momentum, velocity, velocity_hat
+    return variable - (momentum * alpha) / (
+        tf.sqrt(denominator_velocity) + epsilon)
 
 
 def ema_momentum(ema_momentum_option, first_update, dtype):
