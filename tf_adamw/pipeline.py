@@ -294,9 +294,10 @@ def accumulate_or_apply(step, grads, scalars, norm=None, applied=None):
     call computes the update from the means and writes it only on the
     k-th (`apply_update`'s predicate), and every accumulator is written
     with a select (the sum, zeros after an applying call, or unchanged).
-    No conditional: XLA would compile both branches and copy every
-    variable a branch leaves alone on every call (on 1,000 variables
-    inside `jit_compile=True` that cost more per call than the update).
+    No conditional: XLA compiles both branches and copies what a branch
+    leaves alone, so there one saved little per call and cost 1.1x the
+    first call and 1.2x its memory (benchmarks/README.md, "The `many`
+    layout").
     `norm` is the global norm of `grads` if known (without accumulation
     only); `applied`: a bool scalar, whether the call passed the guard
     (None: it did).
