@@ -509,26 +509,7 @@ def test_clip_global_norm_of_mixed_dtypes():
 
 
 # ---------------------------------------------------------------------------
-# all_finite, densify, indices_in_range and sum_of_squares.
-
-
-def _all_finite(grads):
-    return update.all_finite(grads)
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("bad,expected", [
-    (None, True), (np.nan, False), (np.inf, False), (-np.inf, False)])
-def test_all_finite(mode, bad, expected):
-    """docs/semantics.md, step 3: one NaN or Inf anywhere in any gradient
-    makes the call non-finite."""
-    second = np.float32([[1.0, -2.0], [3e38, 0.0]])
-    if bad is not None:
-        second[1, 1] = bad
-    got = in_mode(mode, _all_finite)(
-        [tf.constant([1.0, 2.0]), tf.constant(second)])
-    assert got.dtype == tf.bool and got.shape == ()
-    assert bool(got) is expected
+# densify, indices_in_range and sum_of_squares.
 
 
 def _densify(grad):

@@ -169,12 +169,6 @@ def step_scalars(hyper, iterations, dtype):
     return s
 
 
-def all_finite(grads):
-    """A scalar bool: every element of every tensor in `grads` is finite."""
-    return tf.reduce_all(tf.stack(
-        [tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
-
-
 def step_size(learning_rate, beta_1, beta_2, step):
     """Adam's bias-corrected step size ("epsilon hat" form).
 
