@@ -311,7 +311,7 @@ def accumulate_or_apply(step, grads, scalars, norm=None, applied=None):
     k = step.options.gradient_accumulation_steps
     accumulators = step.state.accumulators
     overwrites = step.table.overwrites
-    last, applies, _ = _accumulation_flags(step, applied)
+    before, last, applies, _ = _accumulation_flags(step, applied)
     olds = [accumulator.read_value() for accumulator in accumulators]
     # An overwritten variable's accumulator keeps the maximum (Keras's
     # rule, `_overwrite_variables_directly_with_gradients`).
@@ -326,28 +326,28 @@ def accumulate_or_apply(step, grads, scalars, norm=None, applied=None):
                                           summed[i]), applied, old)
         else:  # no gradient this call: zeroed only by an applying call
             _assign(accumulator, tf.zeros_like(old), applies, old)
-    _count_accumulation(step, last, applied)
+    _count_accumulation(step, before, last, applied)
 
 
 def _accumulation_flags(step, applied=None):
-    """`(last, applies, adds)`: whether this is the k-th call, and whether
-    it applies the mean or only adds (False for both when the guard,
-    `applied`, skips it)."""
-    last = tf.equal(step.state.accumulation_count + 1,
-                    step.options.gradient_accumulation_steps)
+    """`(count, last, applies, adds)`: `accumulation_count` as read before
+    the call, whether this is the k-th call, and whether it applies the
+    mean or only adds (False for both when the guard, `applied`, skips
+    it)."""
+    before = step.state.accumulation_count.read_value()
+    last = tf.equal(before + 1, step.options.gradient_accumulation_steps)
     if applied is None:
-        return last, last, tf.logical_not(last)
-    return (last, tf.logical_and(applied, last),
+        return before, last, last, tf.logical_not(last)
+    return (before, last, tf.logical_and(applied, last),
             tf.logical_and(applied, tf.logical_not(last)))
 
 
-def _count_accumulation(step, last, applied=None):
-    """`accumulation_count` after a call the guard passed (`applied`):
-    back to 0 after the k-th, else one more."""
-    count = step.state.accumulation_count
-    before = count.read_value()
-    _assign(count, tf.where(last, tf.zeros_like(before), before + 1),
-            applied, before)
+def _count_accumulation(step, before, last, applied=None):
+    """Writes `accumulation_count` (read as `before`) after a call the
+    guard passed (`applied`): back to 0 after the k-th, else one more."""
+    _assign(step.state.accumulation_count,
+            tf.where(last, tf.zeros_like(before), before + 1), applied,
+            before)
 
 
 def accumulate_in_kernel(step, grads, scalars, applied=None):
@@ -359,7 +359,7 @@ def accumulate_in_kernel(step, grads, scalars, applied=None):
     reduction the plain-ops step uses, so both round alike. `applied`: as
     in `accumulate_or_apply`."""
     k = step.options.gradient_accumulation_steps
-    last, applies, adds = _accumulation_flags(step, applied)
+    before, last, applies, adds = _accumulation_flags(step, applied)
     norm = None
     rule = step.options.clip_rule()
     if rule is not None:  # the global clip (`_kernel_accumulates`)
@@ -369,7 +369,7 @@ def accumulate_in_kernel(step, grads, scalars, applied=None):
             tf.constant(float(k)), applies)])
     apply_update(step, grads, scalars, norm, predicate=applies,
                  accumulate=adds)
-    _count_accumulation(step, last, applied)
+    _count_accumulation(step, before, last, applied)
 
 
 def _slot_table(step):
