@@ -346,6 +346,56 @@ def test_adamw_update_on_every_replica(mirrored_strategy, mode):
 
 
 # ---------------------------------------------------------------------------
+# sqrt: tf.sqrt, as an op tf2xla translates cheaply.
+
+SQRT_INPUTS = [0.0, -0.0, 1e-45, 1.2e-38, 2.0, 3.0, 1e-7, 0.999, 1e30,
+               3.4e38, np.inf, -np.inf, -1.0, np.nan]
+
+
+def _sqrts(x):
+    return update.sqrt(x), tf.sqrt(x)
+
+
+def _graph_op_types(fn, *args):
+    return {op.type for op in fn.get_concrete_function(*args)
+            .graph.get_operations()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sqrt_is_tf_sqrt_bit_for_bit(mode, dtype):
+    """`update.sqrt` rounds as `tf.sqrt` (IEEE's correctly rounded root)
+    on random values across 70 binades and on every special value: zeros
+    of both signs, subnormals, the largest finite, infinities, negatives,
+    NaN."""
+    rng = np.random.default_rng(11)
+    x = np.concatenate([
+        np.array(SQRT_INPUTS, dtype),
+        (rng.uniform(1, 2, 4096) * 2.0 ** rng.integers(-40, 30, 4096))
+        .astype(dtype)])
+    got, want = as_numpy(in_mode(mode, _sqrts)(tf.constant(x)))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)  # NaN where NaN
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_sqrt_under_xla_is_not_the_sqrt_op():
+    """Traced for XLA (only), `update.sqrt` is `_UnaryOpsComposition`:
+    tf2xla lowers `Sqrt` through an MLIR pipeline made per node (4.4 ms
+    each on the benchmark machine, against 0.05 ms: benchmarks/README.md,
+    "Where tf2xla's time went"). The HLO is the same `sqrt`."""
+    spec = tf.TensorSpec([3], tf.float32)
+    jit = tf.function(update.sqrt, jit_compile=True, autograph=False)
+    plain = tf.function(update.sqrt, autograph=False)
+    assert "_UnaryOpsComposition" in _graph_op_types(jit, spec)
+    assert "Sqrt" not in _graph_op_types(jit, spec)
+    assert "Sqrt" in _graph_op_types(plain, spec)
+    assert "_UnaryOpsComposition" not in _graph_op_types(plain, spec)
+    hlo = jit.experimental_get_compiler_ir(tf.ones([3]))(stage="hlo")
+    assert " sqrt(" in hlo, hlo
+
+
+# ---------------------------------------------------------------------------
 # ema_update.
 
 
@@ -450,6 +500,29 @@ def test_clip_on_every_replica(mirrored_strategy, mode):
             for g, d in zip(got, one_device):
                 np.testing.assert_array_equal(
                     g, d, err_msg=f"{mode} {rule} replica {r}")
+
+
+def _clips_by_norm(grad, clipnorm):
+    return update.clip_by_norm(grad, clipnorm), tf.clip_by_norm(grad,
+                                                                clipnorm)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clip_by_norm_is_tf_clip_by_norm_bit_for_bit(mode):
+    """`update.clip_by_norm` (written out so that its square root is
+    `update.sqrt`) gives `tf.clip_by_norm`'s bits: below, at and above the
+    limit, for zero, huge, Inf and NaN gradients, and a negative limit
+    (clipped to 0, as TF does)."""
+    rng = np.random.default_rng(5)
+    cases = [rng.standard_normal((7, 3)), np.zeros(4), [3.0, 4.0],
+             [1e20, -3e19], [1.0, np.inf], [np.nan, 1.0], [0.5, -0.25]]
+    fn = in_mode(mode, _clips_by_norm)
+    for grad in cases:
+        for clipnorm in (1.0, 5.0, 0.3, -1.0):
+            got, want = as_numpy(fn(tf.constant(grad, tf.float32),
+                                    clipnorm))
+            np.testing.assert_array_equal(
+                got, want, err_msg=f"{mode} {grad} {clipnorm}")
 
 
 def _global(grads, clipnorm):

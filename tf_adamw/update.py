@@ -8,6 +8,10 @@ follows the operation order of Keras 3 (`keras/src/optimizers/adam.py` and
 """
 
 import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2
+# Whether a graph is traced for XLA (`jit_compile`, a TPU replica): no public
+# API says so (`tf_adamw.step_kinds` reads the same).
+from tensorflow.python.ops import control_flow_util
 
 
 def compute_dtype(dtype):
@@ -51,6 +55,32 @@ def indices_in_range(indices, rows):
     return tf.reduce_all(tf.logical_and(indices >= 0, indices < rows))
 
 
+def sqrt(x):
+    """`tf.sqrt(x)`: IEEE's correctly rounded square root, so every form
+    below rounds alike (the fused kernel's `sqrtps` too).
+
+    Traced for XLA it is TF's `_UnaryOpsComposition` of one `Sqrt`, which
+    lowers to the same HLO `sqrt`: tf2xla translates `Sqrt` itself through
+    an MLIR pipeline built anew for every node (~4.4 ms each here: 4.4 s of
+    a 1,000-variable step's first call), this op directly (~0.05 ms;
+    benchmarks/README.md, "Where tf2xla's time went"). Eager and in plain
+    graphs (which would need its CPU kernel) it is `tf.sqrt`.
+    """
+    if tf.executing_eagerly():
+        return tf.sqrt(x)
+    graph = tf.compat.v1.get_default_graph()
+    if not control_flow_util.GraphOrParentsInXlaContext(graph):
+        return tf.sqrt(x)
+    x = tf.convert_to_tensor(x)
+    # pylint: disable-next=protected-access
+    return graph._create_op_internal(
+        "_UnaryOpsComposition", [x], [x.dtype], name="Sqrt",
+        attrs={"T": attr_value_pb2.AttrValue(type=x.dtype.as_datatype_enum),
+               "op_names": attr_value_pb2.AttrValue(
+                   list=attr_value_pb2.AttrValue.ListValue(s=[b"Sqrt"]))},
+    ).outputs[0]
+
+
 def sum_of_squares(grads):
     """The sum of `g * g` over every element of every tensor in `grads`.
 
@@ -85,8 +115,17 @@ def global_norm(grads):
 
 
 def clip_by_norm(grad, clipnorm):
-    """Clips one tensor to L2 norm `clipnorm` (as `tf.clip_by_norm`)."""
-    return tf.clip_by_norm(grad, clipnorm)
+    """Clips one tensor to L2 norm `clipnorm`: `tf.clip_by_norm`'s
+    operations (Keras's too), with `sqrt` above for its square root."""
+    grad = tf.convert_to_tensor(grad)
+    clipnorm = max(clipnorm, 0)
+    l2sum = tf.reduce_sum(grad * grad, keepdims=True)
+    positive = l2sum > 0
+    # Two selects, so that a zero gradient's norm has no NaN derivative
+    # (as in TF's).
+    l2sum_safe = tf.where(positive, l2sum, tf.ones_like(l2sum))
+    l2norm = tf.where(positive, sqrt(l2sum_safe), l2sum)
+    return (grad * clipnorm) / tf.maximum(l2norm, clipnorm)
 
 
 def clip_by_global_norm(grads, clipnorm, norm=None):
@@ -246,7 +285,7 @@ def adamw_variable(variable, momentum, denominator_velocity, *, alpha,
         # `variable - variable * weight_decay * learning_rate`).
         variable = variable - variable * decay
     return variable - (momentum * alpha) / (
-        tf.sqrt(denominator_velocity) + epsilon)
+        sqrt(denominator_velocity) + epsilon)
 
 
 def ema_momentum(ema_momentum_option, first_update, dtype):
