@@ -117,12 +117,42 @@ CONFIGS = {
     "keras_graph_ema_clip": _config(
         "keras", "Keras 3 AdamW, tf.function (graph), EMA + clip",
         options=EMA_CLIP),
+    # No optimizer: the least a jit_compile=True step can cost that writes
+    # k buffers per variable (`b.assign_add(g)` for each), the variable and
+    # k - 1 state buffers of its shape. 4 is AdamW with EMA as both
+    # optimizers keep it (parameter, m, v, average); 2 would be the
+    # parameter and one buffer holding all its state.
+    "xla_floor_4buffers": _config(
+        "floor", "no optimizer: jit_compile=True, 4 buffers/var written",
+        jit=True, options={"buffers": 4}),
+    "xla_floor_2buffers": _config(
+        "floor", "no optimizer: jit_compile=True, 2 buffers/var written",
+        jit=True, options={"buffers": 2}, extra=True),
 }
 DEFAULT_CONFIGS = [k for k, c in CONFIGS.items() if not c["extra"]]
 
 
 # ---------------------------------------------------------------------------
 # The child: one configuration, one variable count, in a fresh process.
+
+class _Floor:
+    """The `floor` configurations' stand-in for an optimizer: each buffer
+    of each variable gets the variable's gradient added."""
+
+    def __init__(self, buffers):
+        import tensorflow as tf
+        self.buffers = buffers
+        self.iterations = tf.Variable(0, dtype=tf.int64)
+
+    def build(self, variables):
+        del variables
+
+    def apply_gradients(self, grads_and_vars):
+        for (grad, _), buffers in zip(grads_and_vars, self.buffers):
+            for buffer in buffers:
+                buffer.assign_add(grad, read_value=False)
+        self.iterations.assign_add(1, read_value=False)
+
 
 class Run:
     """One configuration on one model: `first()` then `step()`."""
@@ -140,9 +170,15 @@ class Run:
             self.vars = [keras.Variable(x, dtype="float32") for x in init]
         else:
             self.vars = [tf.Variable(x) for x in init]
+        if config["impl"] == "floor":
+            self.buffers = [[v] + [tf.Variable(tf.zeros_like(v)) for _ in
+                                   range(config["options"]["buffers"] - 1)]
+                            for v in self.vars]
         self.times = {}
 
     def _optimizer(self):
+        if self.config["impl"] == "floor":
+            return _Floor(self.buffers)
         hyper = {"learning_rate": ba.LR, "weight_decay": ba.WD,
                  "beta_1": ba.B1, "beta_2": ba.B2, "epsilon": ba.EPS}
         options = self.config["options"]
@@ -402,6 +438,12 @@ def goals(by_key):
               get("keras_xla_ema_clip", "median_ms"))
     out["2. user-XLA step / Keras 3 XLA's"] = (
         v, "<= 0.5x", None if v is None else v <= 0.5, "x")
+    for k in (4, 2):
+        out[f"2. floor: {k} buffers/var written, no math: step / Keras "
+            "3 XLA's"] = (ratio(get(f"xla_floor_{k}buffers", "median_ms"),
+                                get("keras_xla_ema_clip", "median_ms")),
+                          "the least a step of k buffers/var costs", None,
+                          "x")
     v = get("userxla_ema_clip", "first_call_hwm_mb")
     v = None if v is None else v / 1024
     out["2. user-XLA first-call peak RSS (absolute)"] = (
