@@ -362,7 +362,7 @@ def _graph_op_types(fn, *args):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_sqrt_is_tf_sqrt_bit_for_bit(mode, dtype):
     """`update.sqrt` rounds as `tf.sqrt` (IEEE's correctly rounded root)
     on random values across 70 binades and on every special value: zeros
@@ -393,6 +393,10 @@ def test_sqrt_under_xla_is_not_the_sqrt_op():
     assert "_UnaryOpsComposition" not in _graph_op_types(plain, spec)
     hlo = jit.experimental_get_compiler_ir(tf.ones([3]))(stage="hlo")
     assert " sqrt(" in hlo, hlo
+    # A dtype the composition op does not take: `tf.sqrt`, still exact.
+    x = tf.constant([4.0, 2.0, 0.0], tf.bfloat16)
+    np.testing.assert_array_equal(jit(x).numpy(), tf.sqrt(x).numpy())
+    assert "Sqrt" in _graph_op_types(jit, tf.TensorSpec([3], tf.bfloat16))
 
 
 # ---------------------------------------------------------------------------

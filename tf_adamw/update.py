@@ -56,22 +56,23 @@ def indices_in_range(indices, rows):
 
 
 def sqrt(x):
-    """`tf.sqrt(x)`: IEEE's correctly rounded square root, so every form
-    below rounds alike (the fused kernel's `sqrtps` too).
+    """`tf.sqrt(x)`: IEEE's correctly rounded square root, so each form
+    here rounds as `tf.sqrt` does (and as the fused kernel's `sqrtps`).
 
-    Traced for XLA it is TF's `_UnaryOpsComposition` of one `Sqrt`, which
-    lowers to the same HLO `sqrt`: tf2xla translates `Sqrt` itself through
-    an MLIR pipeline built anew for every node (~4.4 ms each here: 4.4 s of
-    a 1,000-variable step's first call), this op directly (~0.05 ms;
-    benchmarks/README.md, "Where tf2xla's time went"). Eager and in plain
-    graphs (which would need its CPU kernel) it is `tf.sqrt`.
+    Traced for XLA (half, float and double) it is TF's
+    `_UnaryOpsComposition` of one `Sqrt`, which lowers to the same HLO
+    `sqrt`: tf2xla translates `Sqrt` itself through an MLIR pipeline built
+    anew for every node (~4.6 ms each here: 4.6 s of a 1,000-variable
+    step's first call), this op directly (~0.05 ms; benchmarks/README.md,
+    "Where tf2xla's time went"). Eager and in plain graphs it is `tf.sqrt`.
     """
     if tf.executing_eagerly():
         return tf.sqrt(x)
-    graph = tf.compat.v1.get_default_graph()
-    if not control_flow_util.GraphOrParentsInXlaContext(graph):
-        return tf.sqrt(x)
     x = tf.convert_to_tensor(x)
+    graph = tf.compat.v1.get_default_graph()
+    if (x.dtype not in (tf.float16, tf.float32, tf.float64)
+            or not control_flow_util.GraphOrParentsInXlaContext(graph)):
+        return tf.sqrt(x)
     # pylint: disable-next=protected-access
     return graph._create_op_internal(
         "_UnaryOpsComposition", [x], [x.dtype], name="Sqrt",
