@@ -15,21 +15,16 @@ and the others directly (~0.05 ms).
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
 
 import tensorflow as tf  # noqa: E402
-from tensorflow.core.framework import attr_value_pb2  # noqa: E402
 
-
-def _composition_sqrt(x):
-    return tf.compat.v1.get_default_graph()._create_op_internal(  # pylint: disable=protected-access
-        "_UnaryOpsComposition", [x], [x.dtype], name="Sqrt",
-        attrs={"T": attr_value_pb2.AttrValue(type=x.dtype.as_datatype_enum),
-               "op_names": attr_value_pb2.AttrValue(
-                   list=attr_value_pb2.AttrValue.ListValue(s=[b"Sqrt"]))},
-    ).outputs[0]
+from tf_adamw import update  # noqa: E402
 
 
 # name -> op(x, c): x a variable's value, c a scalar read from a variable.
@@ -57,7 +52,8 @@ OPS = {
     "IsFinite": lambda x, c: tf.cast(tf.math.is_finite(x), tf.float32),
     "Select": lambda x, c: tf.raw_ops.Select(
         condition=tf.fill(tf.shape(x), c > 0), x=x, y=x),
-    "_UnaryOpsComposition(Sqrt)": lambda x, c: _composition_sqrt(x),
+    # Traced for XLA, `update.sqrt` is `_UnaryOpsComposition` of `Sqrt`.
+    "_UnaryOpsComposition(Sqrt)": lambda x, c: update.sqrt(x),
 }
 
 
