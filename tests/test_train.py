@@ -332,8 +332,18 @@ def test_serving_export_carries_its_vocabulary_and_takes_shorter_inputs(
         serve(tokens=tf.zeros([1, maximum + 1], tf.int32))
 
 
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own Ctrl-C handler (KeyboardInterrupt) during the test,
+    whatever the process inherited: a job a shell starts in the background
+    without job control (`.ci/run &`) starts with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_sigint_saves_the_current_step_and_a_second_one_stops_at_once(
-        tmp_path, capfd):
+        tmp_path, capfd, python_sigint_handler):
     config = _config("cpu_local", SHORT + ",trainer.train_steps=30,"
                      "trainer.checkpoint_every_n_steps=15", tmp_path)
 
