@@ -369,10 +369,11 @@ def test_sqrt_is_tf_sqrt_bit_for_bit(mode, dtype):
     of both signs, subnormals, the largest finite, infinities, negatives,
     NaN."""
     rng = np.random.default_rng(11)
-    x = np.concatenate([
-        np.array(SQRT_INPUTS, dtype),
-        (rng.uniform(1, 2, 4096) * 2.0 ** rng.integers(-40, 30, 4096))
-        .astype(dtype)])
+    with np.errstate(over="ignore"):  # float16: the large ones become Inf
+        x = np.concatenate([
+            np.array(SQRT_INPUTS, dtype),
+            (rng.uniform(1, 2, 4096) * 2.0 ** rng.integers(-40, 30, 4096))
+            .astype(dtype)])
     got, want = as_numpy(in_mode(mode, _sqrts)(tf.constant(x)))
     assert got.dtype == dtype
     np.testing.assert_array_equal(got, want)  # NaN where NaN
@@ -381,7 +382,7 @@ def test_sqrt_is_tf_sqrt_bit_for_bit(mode, dtype):
 
 def test_sqrt_under_xla_is_not_the_sqrt_op():
     """Traced for XLA (only), `update.sqrt` is `_UnaryOpsComposition`:
-    tf2xla lowers `Sqrt` through an MLIR pipeline made per node (4.4 ms
+    tf2xla lowers `Sqrt` through an MLIR pipeline made per node (4.6 ms
     each on the benchmark machine, against 0.05 ms: benchmarks/README.md,
     "Where tf2xla's time went"). The HLO is the same `sqrt`."""
     spec = tf.TensorSpec([3], tf.float32)
