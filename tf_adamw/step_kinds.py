@@ -17,14 +17,14 @@ chosen step and owns the compiled functions.
 import typing
 
 import tensorflow as tf
-# Where the step is being traced: inside an XLA cluster (a user's
-# `jit_compile=True` function, a TPU replica) or for a SavedModel. Neither has
-# a public API; both decide whether the fused kernel may be used.
-from tensorflow.python.ops import control_flow_util
+# Whether the step is being traced for a SavedModel: no public API says so
+# (nor whether it is traced for XLA: `update.traced_for_xla`); both decide
+# whether the fused kernel may be used.
 from tensorflow.python.saved_model import save_context
 
 from tf_adamw import distribute
 from tf_adamw import kernels
+from tf_adamw import update
 
 FUSED = "fused"
 OPS = "ops"
@@ -85,11 +85,8 @@ def choose(kernel_ready, only_kernel, context):
 
 def current_context():
     """The `CallContext` of the code running now."""
-    eager = tf.executing_eagerly()
     return CallContext(
-        eager=eager,
-        in_xla=not eager and control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()),
+        eager=tf.executing_eagerly(), in_xla=update.traced_for_xla(),
         saving=save_context.in_save_context())
 
 

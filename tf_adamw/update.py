@@ -10,7 +10,7 @@ follows the operation order of Keras 3 (`keras/src/optimizers/adam.py` and
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2
 # Whether a graph is traced for XLA (`jit_compile`, a TPU replica): no public
-# API says so (`tf_adamw.step_kinds` reads the same).
+# API says so.
 from tensorflow.python.ops import control_flow_util
 
 
@@ -55,6 +55,15 @@ def indices_in_range(indices, rows):
     return tf.reduce_all(tf.logical_and(indices >= 0, indices < rows))
 
 
+def traced_for_xla():
+    """Whether the code running now is being traced for XLA: inside a
+    `tf.function(jit_compile=True)` or a TPU replica, or a function nested
+    in one. Never when eager."""
+    return not tf.executing_eagerly() and (
+        control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()))
+
+
 def sqrt(x):
     """`tf.sqrt(x)`: IEEE's correctly rounded square root, so each form
     here rounds as `tf.sqrt` does (and as the fused kernel's `sqrtps`).
@@ -66,15 +75,13 @@ def sqrt(x):
     step's first call), this op directly (~0.05 ms; benchmarks/README.md,
     "Where tf2xla's time went"). Eager and in plain graphs it is `tf.sqrt`.
     """
-    if tf.executing_eagerly():
+    if not traced_for_xla():
         return tf.sqrt(x)
     x = tf.convert_to_tensor(x)
-    graph = tf.compat.v1.get_default_graph()
-    if (x.dtype not in (tf.float16, tf.float32, tf.float64)
-            or not control_flow_util.GraphOrParentsInXlaContext(graph)):
+    if x.dtype not in (tf.float16, tf.float32, tf.float64):
         return tf.sqrt(x)
     # pylint: disable-next=protected-access
-    return graph._create_op_internal(
+    return tf.compat.v1.get_default_graph()._create_op_internal(
         "_UnaryOpsComposition", [x], [x.dtype], name="Sqrt",
         attrs={"T": attr_value_pb2.AttrValue(type=x.dtype.as_datatype_enum),
                "op_names": attr_value_pb2.AttrValue(
