@@ -6,7 +6,7 @@ XLA: a floor per buffer").
     python benchmarks/many_packed.py VARIANT [N]
 
 AdamW + EMA + global clipping on N (1,000) variables of the `many` layout,
-the math of `tf_adamw.update` (its `sqrt`), one nested `tf.function` call
+the math of `tf_adamw.update` (its functions), one nested `tf.function` call
 per variable as tf_adamw traces it; the variants differ only in where the
 state lives:
 
@@ -39,10 +39,11 @@ LR, WD, B1, B2, EPS, EMA, CLIP = 1e-3, 0.004, 0.9, 0.999, 1e-7, 0.99, 1.0
 
 
 def adam(g, p, mo, vo, alpha):
-    mn = mo + (g - mo) * (1 - B1)
-    vn = vo + (tf.square(g) - vo) * (1 - B2)
-    p = p - p * (LR * WD) - alpha * mn / (update.sqrt(vn) + EPS)
-    return mn, vn, p
+    """`tf_adamw.update`'s moments and decoupled step."""
+    mn, vn, _ = update.adam_moments(g, mo, vo, None, one_minus_beta_1=1 - B1,
+                                    one_minus_beta_2=1 - B2)
+    return mn, vn, update.adamw_variable(p, mn, vn, alpha=alpha,
+                                         epsilon=EPS, decay=LR * WD)
 
 
 def separate(var, m, v, a, g, scale, alpha, mom):

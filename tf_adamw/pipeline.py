@@ -507,7 +507,7 @@ def _ema_momentums(step):
 # Variables per call of the traced `update_variables`: a call costs ~1 ms
 # to make while tracing, whatever it holds, and its body is traced again
 # for each new kind of argument list; 4 traced 1,000 variables fastest
-# (1.3 s, against 2.0 s for 1 and 1.7 s for 2, 8 or 16).
+# (1.3 s, against 2.0 s for 1 and 1.7-1.8 s for 2, 8 or 16).
 _VARIABLES_PER_CALL = 4
 
 
