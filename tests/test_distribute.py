@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tf_adamw
+import tf_adamw.slots
 from conftest import NUM_REPLICAS
 
 GLOBAL_BATCH = 16
@@ -73,7 +74,7 @@ CASES = {
 }
 
 
-def _optimizer(case, jit_compile, fused):
+def _optimizer(case, jit_compile, fused, slot_layout="separate"):
     kwargs = dict(CASES[case])
     kwargs.pop("kernel_dtype", None)
     if kwargs.get("learning_rate") == "schedule":
@@ -82,7 +83,7 @@ def _optimizer(case, jit_compile, fused):
             0.01, decay_steps=1, decay_rate=0.5)
     kwargs.setdefault("learning_rate", 0.01)
     return tf_adamw.AdamW(weight_decay=0.1, jit_compile=jit_compile,
-                          fused=fused, **kwargs)
+                          fused=fused, slot_layout=slot_layout, **kwargs)
 
 
 def _state(optimizer, variables):
@@ -100,10 +101,13 @@ def _state(optimizer, variables):
 def _copies(strategy, variable):
     if strategy is None:
         return [variable.numpy()]
+    if isinstance(variable, tf_adamw.slots.SlotView):
+        return [c.numpy() for c in variable.copies()]
     return [c.numpy() for c in strategy.experimental_local_results(variable)]
 
 
-def _run(case, strategy, jit_compile=True, fused=None):
+def _run(case, strategy, jit_compile=True, fused=None,
+         slot_layout="separate"):
     """Trains NUM_STEPS; returns the state after every step.
 
     `fused=None` runs the fused CPU kernel (the default here), `fused=False`
@@ -115,9 +119,10 @@ def _run(case, strategy, jit_compile=True, fused=None):
     ).scope()
     with scope:
         variables = _make_variables(dtype)
-        optimizer = _optimizer(case, jit_compile, fused)
+        optimizer = _optimizer(case, jit_compile, fused, slot_layout)
         optimizer.build(variables)
-    assert optimizer.uses_fused_kernel == (fused is None)
+    assert optimizer.uses_fused_kernel == (
+        fused is None and slot_layout == "separate")
 
     def replica_step(x, y, ids):
         with tf.GradientTape() as tape:
@@ -195,6 +200,23 @@ def test_tpu_like_no_merge_call_equals_one_device(case, tpu_like_strategy):
     """The XLA step, as TPUs run it (no merge call, no custom kernel)."""
     _assert_matches(_run(case, tpu_like_strategy, fused=False),
                     _single_device(case), case)
+
+
+_PACKED_ONE_DEVICE = {}
+
+
+@pytest.mark.parametrize("strategy", ["mirrored", "tpu_like"])
+@pytest.mark.parametrize("case", ["global_clipnorm", "ema_overwrite",
+                                  "accumulation_schedule_ema"])
+def test_packed_slots_equal_one_device(case, strategy, request):
+    """`slot_layout="packed"`: its views' replica copies, against the
+    packed optimizer on one device."""
+    if case not in _PACKED_ONE_DEVICE:
+        _PACKED_ONE_DEVICE[case] = _run(case, None, fused=False,
+                                        slot_layout="packed")
+    strategy = request.getfixturevalue(f"{strategy}_strategy")
+    _assert_matches(_run(case, strategy, fused=False, slot_layout="packed"),
+                    _PACKED_ONE_DEVICE[case], case)
 
 
 @pytest.mark.parametrize("case", ["global_clipnorm",

@@ -89,6 +89,11 @@ CHECK_ARGUMENT_TABLE = [
         "Argument `fused` must be a bool"),
     Row("fused", True, True, 1, TypeError,
         "Argument `fused` must be a bool"),
+    # A choice of names.
+    Row("slot_layout", "packed", "packed", "flat", ValueError,
+        "Argument `slot_layout` must be one of ['separate', 'packed']"),
+    Row("slot_layout", "separate", "separate", None, ValueError,
+        "Argument `slot_layout` must be one of ['separate', 'packed']"),
     # Clip arguments: any finite number (<= 0 is accepted, not applied).
     Row("clipnorm", None, None, "1", TypeError,
         "Argument `clipnorm` must be a number"),
@@ -374,13 +379,15 @@ def test_extra_keywords_decay_none_is_silent():
 
 
 def test_extra_keywords_returns_ours_without_changing_the_input():
-    """`jit_compile`, `skip_nonfinite_gradients` and `fused` are returned
-    (unchecked: `validate` checks them); the caller's dict is untouched."""
+    """`jit_compile`, `skip_nonfinite_gradients`, `fused` and `slot_layout`
+    are returned (unchecked: `validate` checks them); the caller's dict is
+    untouched."""
     given = {"jit_compile": False, "fused": True,
-             "skip_nonfinite_gradients": True}
+             "skip_nonfinite_gradients": True, "slot_layout": "packed"}
     assert options.extra_keywords(given, weight_decay=0.0) == given
     assert given == {"jit_compile": False, "fused": True,
-                     "skip_nonfinite_gradients": True}
+                     "skip_nonfinite_gradients": True,
+                     "slot_layout": "packed"}
     assert options.extra_keywords({}, weight_decay=0.0) == {}
 
 

@@ -20,6 +20,7 @@ from tf_adamw import distribute
 from tf_adamw import hyperparameters
 from tf_adamw import pipeline
 from tf_adamw import schedules
+from tf_adamw import slots as slots_lib
 from tf_adamw import state as state_lib
 from tf_adamw import step_kinds
 from tf_adamw import update
@@ -65,6 +66,10 @@ class Engine:
         # Why the fused kernel cannot run these variables (None: it can).
         self.fused_blocker = "not built"
         self.slot_tables = {}  # device -> the kernel's slot table
+        # The packed slot variables (`slot_layout="packed"`), one per model
+        # variable; the tracked slot lists hold views of their rows.
+        self.packed_stores = []
+        self.packed_children = slots_lib.Stores(self.packed_stores)
         self.own_state = None  # the StepState of a one-device optimizer
         self.init_strategy = tf.distribute.get_strategy()
         self.strategy = None  # the strategy of build()
@@ -133,13 +138,15 @@ class Engine:
                 "does not fit the variables it is built with, so nothing was "
                 f"built: {problem}.")
         blocker = step_kinds.kernel_blocker(
-            self.options.fused, table.tf_vars, table.compute_dtypes)
+            self.options.fused, table.tf_vars, table.compute_dtypes,
+            self.options.slot_layout)
         if self.options.fused and blocker:
             raise ValueError(
                 "Argument `fused=True`, but the fused AdamW kernel cannot run "
                 f"these variables: {blocker}. Use `fused=None` (the default) "
                 "to fall back to the XLA step.")
-        slots = state_lib.create_slots(table, self.options, strategy)
+        slots, stores = state_lib.create_slots(table, self.options, strategy)
+        self.packed_stores.extend(stores)
         self.table, self.fused_blocker = table, blocker
         self.strategy = strategy
         self.distributed = tf.distribute.has_strategy()
@@ -303,7 +310,8 @@ class Engine:
         def overwrite_on_this_replica(*_):
             state_lib.write_averages(
                 [distribute.local(self.table.tf_vars[i]) for i in indices],
-                [distribute.local(averages[i]) for i in indices])
+                [slots_lib.local_slot(averages[i], distribute.local)
+                 for i in indices])
 
         if not self.distributed:
             overwrite_on_this_replica()

@@ -38,6 +38,7 @@ import tensorflow as tf
 from tf_adamw import checkpoints
 from tf_adamw import distribute
 from tf_adamw import optimizer as optimizer_lib
+from tf_adamw import slots as slots_lib
 from tf_adamw import state as state_lib
 
 __all__ = [
@@ -289,7 +290,7 @@ def _replica_pairs(variables, averages):
     pairs = []
     for variable, average in zip(variables, averages):
         copies = distribute.copies(state_lib.unwrap(variable))
-        average_copies = distribute.copies(average)
+        average_copies = slots_lib.copies(average)
         if len(copies) != len(average_copies):
             raise ValueError(
                 f"Variable {variable.name!r} has {len(copies)} copies but its "

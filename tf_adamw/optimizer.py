@@ -51,6 +51,10 @@ _SLOTS_IN_FUSED_STEP = (
     "optimizer with `fused=False`.")
 
 
+# The SavedModel child holding the packed slot variables (`slots.Stores`).
+_PACKED_SLOTS = "_packed_slots"
+
+
 class AdamW(tf.Module, attributes.Attributes):
     """Optimizer that implements the AdamW algorithm.
 
@@ -104,7 +108,11 @@ class AdamW(tf.Module, attributes.Attributes):
             False runs the non-fused step uncompiled, to debug) and
             `skip_nonfinite_gradients` (default False: a call whose summed
             gradients hold NaN or Inf changes nothing but
-            `skipped_steps`). `decay` is ignored with a warning, as in
+            `skipped_steps`) and `slot_layout` (`"separate"`, the
+            default: one variable per slot; `"packed"`: each variable's
+            slots are the rows of one variable, for steps under XLA on
+            many variables; `slots_for()` then gives views of the rows).
+            `decay` is ignored with a warning, as in
             Keras; any other key is an error. See docs/semantics.md.
     """
 
@@ -157,6 +165,12 @@ class AdamW(tf.Module, attributes.Attributes):
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         children = super()._trackable_children(save_type, **kwargs)
+        engine = self.__dict__.get("_engine")
+        if save_type == "savedmodel" and engine and engine.packed_stores:
+            # The packed slot variables the saved functions capture (their
+            # views are the slot lists' entries, for checkpoints). First:
+            # loading restores them before the views, which read them.
+            children = {_PACKED_SLOTS: engine.packed_children, **children}
         if save_type == "checkpoint":
             # The slot guard first: checked before the slot lists are walked
             # (tf_adamw/slot_guard.py). Hyperparameter guards replace their
@@ -172,6 +186,11 @@ class AdamW(tf.Module, attributes.Attributes):
         guard = self._checkpoint_guards().get(name)
         if guard is not None:
             return guard
+        engine = self.__dict__.get("_engine")
+        if name == _PACKED_SLOTS and engine and engine.packed_stores:
+            # A training SavedModel's packed variables, read back into a
+            # rebuilt optimizer (`export.restore_training_variables`).
+            return engine.packed_children
         return super()._lookup_dependency(name, cached_dependencies)
 
     def _checkpoint_guards(self):

@@ -118,6 +118,7 @@ _RULES = {
     "jit_compile": boolean,
     "skip_nonfinite_gradients": boolean,
     "fused": optional_boolean,
+    "slot_layout": lambda name, value: _slot_layout(value),
     "loss_scale": lambda name, value: _loss_scale(value),
     "initial_scale": lambda name, value: number(
         name, value, low=0.0, low_open=True),
@@ -203,6 +204,8 @@ class Options:
     jit_compile: bool = True
     skip_nonfinite_gradients: bool = False
     fused: typing.Optional[bool] = None
+    # How each variable's slots are stored (`SLOT_LAYOUTS`).
+    slot_layout: str = "separate"
     # Dynamic loss scaling (`loss_scale="dynamic"`): Keras
     # LossScaleOptimizer's rule and defaults.
     loss_scale: typing.Optional[str] = None
@@ -229,6 +232,8 @@ class Options:
         """The options as Keras config keys (hyperparameters not included)."""
         config = dataclasses.asdict(self)
         config.pop("name")
+        if self.slot_layout == "separate":
+            config.pop("slot_layout")  # the default: configs unchanged
         if not self.dynamic_loss_scale:
             # Keys of an option not in use are left out, so that configs
             # of optimizers without it are unchanged.
@@ -241,7 +246,8 @@ def validate(*, name="adamw", amsgrad=False, clipnorm=None, clipvalue=None,
              global_clipnorm=None, use_ema=False, ema_momentum=0.99,
              ema_overwrite_frequency=None, loss_scale_factor=None,
              gradient_accumulation_steps=None, jit_compile=True,
-             skip_nonfinite_gradients=False, fused=None, loss_scale=None,
+             skip_nonfinite_gradients=False, fused=None,
+             slot_layout="separate", loss_scale=None,
              initial_scale=INITIAL_SCALE,
              dynamic_growth_steps=DYNAMIC_GROWTH_STEPS):
     """Checks the fixed constructor arguments and returns `Options`.
@@ -267,7 +273,8 @@ def validate(*, name="adamw", amsgrad=False, clipnorm=None, clipvalue=None,
              "gradient_accumulation_steps": gradient_accumulation_steps,
              "jit_compile": jit_compile,
              "skip_nonfinite_gradients": skip_nonfinite_gradients,
-             "fused": fused, "loss_scale": loss_scale,
+             "fused": fused, "slot_layout": slot_layout,
+             "loss_scale": loss_scale,
              "initial_scale": initial_scale,
              "dynamic_growth_steps": dynamic_growth_steps}
     use_ema = boolean("use_ema", use_ema)
@@ -283,7 +290,8 @@ def extra_keywords(kwargs, *, weight_decay):
     """The keyword arguments `AdamW` takes beyond Keras's signature.
 
     `decay` is accepted with a warning and ignored (Keras compatibility);
-    `jit_compile`, `skip_nonfinite_gradients`, `fused` and the dynamic
+    `jit_compile`, `skip_nonfinite_gradients`, `fused`, `slot_layout`
+    and the dynamic
     loss scale's `loss_scale`, `initial_scale` and `dynamic_growth_steps`
     are returned for `validate`. Also refuses `weight_decay=None` as Keras does.
 
@@ -295,8 +303,8 @@ def extra_keywords(kwargs, *, weight_decay):
         warnings.warn(
             "Argument `decay` is no longer supported and will be ignored.")
     ours = {k: kwargs.pop(k) for k in
-            ("jit_compile", "skip_nonfinite_gradients", "fused")
-            + _LOSS_SCALE_KEYS if k in kwargs}
+            ("jit_compile", "skip_nonfinite_gradients", "fused",
+             "slot_layout") + _LOSS_SCALE_KEYS if k in kwargs}
     if kwargs:
         raise ValueError(f"Argument(s) not recognized: {kwargs}")
     if weight_decay is None:
@@ -304,6 +312,21 @@ def extra_keywords(kwargs, *, weight_decay):
             "Argument `weight_decay` must be a float. Received: "
             "weight_decay=None")
     return ours
+
+
+# `slot_layout`: "separate" keeps one variable per slot (the fused CPU
+# kernel's layout); "packed" keeps all of a variable's slots as the rows of
+# one variable, which halves what an XLA step passes and writes per
+# variable (docs/semantics.md, "Slot layouts").
+SLOT_LAYOUTS = ("separate", "packed")
+
+
+def _slot_layout(value):
+    if not isinstance(value, str) or value not in SLOT_LAYOUTS:
+        raise ValueError(
+            f"Argument `slot_layout` must be one of {list(SLOT_LAYOUTS)}. "
+            f"Received: slot_layout={value!r}")
+    return value
 
 
 def _ema_momentum(value, use_ema):

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from tf_adamw import kernels
 from tf_adamw import options as options_lib
+from tf_adamw import slots as slots_lib
 from tf_adamw import state as state_lib
 from tf_adamw import update
 
@@ -317,13 +318,21 @@ def accumulate_or_apply(step, grads, scalars, norm=None, applied=None):
     # rule, `_overwrite_variables_directly_with_gradients`).
     summed = {i: tf.maximum(g, olds[i]) if i in overwrites else olds[i] + g
               for i, g in grads.items()}
+    written = {i: _select(applied, tf.where(last, tf.zeros_like(olds[i]),
+                                            s), olds[i])
+               for i, s in summed.items()}
+    # The TF-op update writes the accumulators of the variables it updates
+    # with their other slots: packed, one write per variable, not two.
+    with_update = {} if step.fused else {
+        i: a for i, a in written.items() if i not in overwrites}
     apply_update(step, {i: s if i in overwrites else s / tf.cast(k, s.dtype)
                         for i, s in summed.items()}, scalars,
-                 predicate=applies)
+                 predicate=applies, accumulators=with_update)
     for i, (accumulator, old) in enumerate(zip(accumulators, olds)):
-        if i in summed:
-            _assign(accumulator, tf.where(last, tf.zeros_like(old),
-                                          summed[i]), applied, old)
+        if i in with_update:
+            continue
+        if i in written:
+            accumulator.assign(written[i], read_value=False)
         else:  # no gradient this call: zeroed only by an applying call
             _assign(accumulator, tf.zeros_like(old), applies, old)
     _count_accumulation(step, before, last, applied)
@@ -378,7 +387,7 @@ def _slot_table(step):
 
 
 def apply_update(step, grads, scalars, norm=None, predicate=None,
-                 accumulate=None):
+                 accumulate=None, accumulators=None):
     """Steps 5-10 on the (mean) gradients `grads`: {index: tensor}.
 
     The overwritten variables are set first; the other stages run when
@@ -387,12 +396,14 @@ def apply_update(step, grads, scalars, norm=None, predicate=None,
     does not, the fused kernel is told so and every TF-op write selects
     the old value (`_assign`). `accumulate`: for the kernel accumulating
     (`accumulate_in_kernel`), whether the call only adds.
+    `accumulators`: `{index: value}`, accumulators the TF-op update writes
+    with the other slots of their variable (`accumulate_or_apply`).
     """
     grads = overwrite_with_gradient(step, grads, predicate)
     if grads:
         grads, grad_scale = clip(step, grads, norm)
         averaged, kernel = decay_and_adam(step, grads, scalars, grad_scale,
-                                          predicate, accumulate)
+                                          predicate, accumulate, accumulators)
         # The kernel writes through the slot table, out of TF's sight: what
         # reads the variables next waits for it.
         with tf.control_dependencies([] if kernel is None else [kernel]):
@@ -449,12 +460,13 @@ def clip(step, grads, norm=None):
 
 
 def decay_and_adam(step, grads, scalars, grad_scale=None, predicate=None,
-                   accumulate=None):
+                   accumulate=None, accumulators=None):
     """Steps 6 and 7 for the variables of `grads`, with the EMA of step 8
     for each (and the fused kernel's share of steps 4 and 5: the
     accumulators when `accumulate` is given); `scalars` of
     `evaluate_scalars`, `grad_scale` of `clip`, `predicate` and
-    `accumulate` of `apply_update`.
+    `accumulate` of `apply_update`; the TF ops also write `accumulators`
+    (`apply_update`'s).
 
     Returns:
         `(indices whose average moved, the kernel's op)`; the op is None
@@ -467,7 +479,8 @@ def decay_and_adam(step, grads, scalars, grad_scale=None, predicate=None,
         each = update_variables if tf.executing_eagerly() else _traced()
         for start in range(0, len(order), _VARIABLES_PER_CALL):
             each([_update_variable_args(step, i, grads[i], scalars,
-                                        grad_scale, ema_momentums, predicate)
+                                        grad_scale, ema_momentums, predicate,
+                                        (accumulators or {}).get(i))
                   for i in order[start:start + _VARIABLES_PER_CALL]])
         return averaged, None
     # Every variable in one kernel, one pass over memory
@@ -535,9 +548,11 @@ def _traced():
 
 
 def _update_variable_args(step, i, grad, scalars, grad_scale=None,
-                          ema_momentums=None, predicate=None):
+                          ema_momentums=None, predicate=None,
+                          accumulator=None):
     """The arguments of `update_variable` for variable `i`
-    (`ema_momentums` of `_ema_momentums`)."""
+    (`ema_momentums` of `_ema_momentums`; `accumulator`: the value to
+    write into its accumulator, or None)."""
     st, options = step.state, step.options
     s = scalars[step.table.compute_dtypes[i]]
     hyper = (s["alpha"], s["one_minus_beta_1"], s["one_minus_beta_2"],
@@ -545,55 +560,65 @@ def _update_variable_args(step, i, grad, scalars, grad_scale=None,
     # `grads` holds no overwritten variable here: each one averaged has
     # its average.
     average = None if ema_momentums is None else st.averages[i]
-    return (st.variables[i], st.momentums[i], st.velocities[i],
-            st.velocity_hats[i] if options.amsgrad else None, average, grad,
-            hyper, grad_scale,
+    slots = slots_lib.for_update(
+        st.momentums[i], st.velocities[i],
+        st.velocity_hats[i] if options.amsgrad else None, average,
+        None if accumulator is None else st.accumulators[i])
+    return (st.variables[i], slots, grad, hyper, grad_scale,
             None if average is None else ema_momentums(average.dtype),
-            predicate)
+            predicate, accumulator)
 
 
-def update_variable(variable, momentum, velocity, velocity_hat, average,
-                    grad, hyper, grad_scale=None, ema=None, predicate=None):
+def update_variable(variable, slots, grad, hyper, grad_scale=None, ema=None,
+                    predicate=None, accumulator=None):
     """One variable's weight decay, Adam and EMA, as TF ops.
 
     Args:
-        variable, momentum, velocity: its copy and its slots.
-        velocity_hat, average: its AMSGrad and EMA slots, or None.
+        variable: its copy.
+        slots: its momentum, velocity, velocity hat (AMSGrad) and average
+            (EMA), as `slots.SeparateSlots` or `slots.PackedSlots` (read
+            once, written once).
         grad: its gradient, in the compute dtype.
         hyper: `(alpha, one_minus_beta_1, one_minus_beta_2, epsilon,
             decay or None)` of `update.adamw_update`.
         grad_scale: the global clip's factor, or None.
-        ema: `update.ema_momentum` for `average`, or None.
+        ema: `update.ema_momentum` for the average, or None.
         predicate: a bool scalar, whether to write new values (None: do).
+        accumulator: the value its accumulator is set to (whatever
+            `predicate`), or None to leave it alone.
     """
     # Each variable is read once (every use of a tf.Variable in an op would
     # add a read) and written without reading it back.
     if grad_scale is not None:
         grad = grad * tf.cast(grad_scale, grad.dtype)
-    slots = [s for s in (momentum, velocity, velocity_hat) if s is not None]
     old_value = variable.read_value()
-    old_slots = [slot.read_value() for slot in slots]
+    read, (m, v, v_hat, average) = slots.read()
     alpha, one_minus_beta_1, one_minus_beta_2, epsilon, decay = hyper
-    new_slots = update.adam_moments(
-        grad, *old_slots[:2],
-        old_slots[2] if velocity_hat is not None else None,
-        one_minus_beta_1=one_minus_beta_1, one_minus_beta_2=one_minus_beta_2)
+    new = update.adam_moments(
+        grad, m, v, v_hat, one_minus_beta_1=one_minus_beta_1,
+        one_minus_beta_2=one_minus_beta_2)
     # The variable's step reads the slots as written (the new values, or
     # with `predicate` False the old ones, and then the step is discarded):
     # from the unselected values, XLA would recompute them in the
     # variable's kernel from the old slots, which the slots' own kernels
     # overwrite in place, and copy every slot first.
-    written = [_assign(slot, new, predicate, old)
-               for slot, new, old in zip(slots, new_slots, old_slots)]
+    written = [None if n is None else _select(predicate, n, o)
+               for n, o in zip(new, (m, v, v_hat))]
     value = update.adamw_variable(
-        tf.cast(old_value, grad.dtype), written[0], written[-1], alpha=alpha,
+        tf.cast(old_value, grad.dtype), written[0],
+        written[1] if v_hat is None else written[2], alpha=alpha,
         epsilon=epsilon, decay=decay)
-    value = _assign(variable, tf.cast(value, variable.dtype), predicate,
-                    old_value)
+    value = _select(predicate, tf.cast(value, variable.dtype), old_value)
     if average is not None:
-        old = average.read_value()
-        _assign(average, update.ema_update(
-            old, tf.cast(value, average.dtype), ema), predicate, old)
+        average = _select(predicate, update.ema_update(
+            average, tf.cast(value, average.dtype), ema), average)
+    slots.write(read, written + [average, accumulator])
+    variable.assign(value, read_value=False)
+
+
+def _select(predicate, new, old):
+    """`new`, or (`predicate` False) `old`: a select, not a branch."""
+    return new if predicate is None else tf.where(predicate, new, old)
 
 
 def moving_average(step, averaged=(), predicate=None):

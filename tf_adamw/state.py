@@ -11,7 +11,8 @@ describes it:
   constraint, overwritten with its gradient or not), and the checks that
   align a call's gradients with them.
 - `DecayMask`: which variables are excluded from weight decay.
-- `create_slots`: the per-variable slots, named as Keras names them.
+- `create_slots`: the per-variable slots, named as Keras names them, in
+  either layout (`tf_adamw.slots`).
 - `StepState`: one replica's copies of everything a step reads or writes.
 - `write_averages`: the one way EMA averages are written into variables.
 """
@@ -24,6 +25,7 @@ import tensorflow as tf
 from tf_adamw import distribute
 from tf_adamw import kernels
 from tf_adamw import options as options_lib
+from tf_adamw import slots as slots_lib
 from tf_adamw import update
 
 SLOT_KINDS = ("momentum", "velocity", "velocity_hat", "average",
@@ -388,23 +390,37 @@ def split_pairs(grads_and_vars):
 
 
 def create_slots(table, options, strategy):
-    """Zero slots for every variable of `table`: `{kind: [variable, ...]}`.
+    """Zero slots for every variable of `table`, in `options.slot_layout`.
 
     Each slot is colocated with its variable (every replica gets a copy under
     a mirroring strategy) and has the variable's compute dtype.
+
+    Returns:
+        `({kind: [slot, ...]}, stores)`: the slots are variables, or
+        `slots.SlotView`s of the packed `stores` (one per variable; empty
+        for the separate layout).
     """
     kinds = slot_kinds(options)
-    slots = {kind: [] for kind in SLOT_KINDS}
+    out = {kind: [] for kind in SLOT_KINDS}
+    stores = []
     with tf.init_scope():
         for variable, tf_var, dtype in zip(table.var_list, table.tf_vars,
                                            table.compute_dtypes):
             with strategy.extended.colocate_vars_with(tf_var):
+                if options.slot_layout == "packed":
+                    store, views = slots_lib.create_packed(
+                        variable, tf_var, kinds, dtype, options.name,
+                        slot_name)
+                    stores.append(store)
+                    for kind in kinds:
+                        out[kind].append(views[kind])
+                    continue
                 for kind in kinds:
-                    slots[kind].append(tf.Variable(
+                    out[kind].append(tf.Variable(
                         tf.zeros(tf_var.shape, dtype), trainable=False,
                         name=f"{options.name}/{slot_name(variable, kind)}",
                         aggregation=tf.VariableAggregation.NONE))
-    return slots
+    return out, stores
 
 
 class StepState(typing.NamedTuple):
@@ -442,13 +458,16 @@ def step_state(tf_vars, slots, counters, local=distribute.local):
     iterations, *optional = counters
     accumulation_count, skipped_steps, dynamic_scale, step_counter = [
         None if c is None else local(c) for c in optional]
+    def local_slots(kind):
+        return [slots_lib.local_slot(s, local) for s in slots[kind]]
+
     return StepState(
         variables=[local(v) for v in tf_vars],
-        momentums=[local(v) for v in slots["momentum"]],
-        velocities=[local(v) for v in slots["velocity"]],
-        velocity_hats=[local(v) for v in slots["velocity_hat"]],
-        averages=[local(v) for v in slots["average"]],
-        accumulators=[local(v) for v in slots["accumulator"]],
+        momentums=local_slots("momentum"),
+        velocities=local_slots("velocity"),
+        velocity_hats=local_slots("velocity_hat"),
+        averages=local_slots("average"),
+        accumulators=local_slots("accumulator"),
         iterations=local(iterations),
         accumulation_count=accumulation_count, skipped_steps=skipped_steps,
         dynamic_scale=dynamic_scale, scale_step_counter=step_counter)

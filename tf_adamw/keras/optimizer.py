@@ -34,7 +34,8 @@ class _Adapter:
         self.learning_rate_given = learning_rate
         self.weight_decay = weight_decay
         self.loss_scale_factor = loss_scale_factor
-        self.ours = ours  # fused, jit_compile, skip_nonfinite_gradients
+        # fused, jit_compile, skip_nonfinite_gradients, slot_layout
+        self.ours = ours
         self.exclusions = None  # (var_list, var_names) for the core
         self.pending = None  # state loaded before build(), as NumPy
 
@@ -45,7 +46,8 @@ class AdamW(keras.optimizers.Optimizer):
 
     The signature, defaults and meaning of `keras.optimizers.AdamW` (see
     `tf_adamw.AdamW` for each argument). The keyword arguments `fused`,
-    `jit_compile` and `skip_nonfinite_gradients` are passed to the core.
+    `jit_compile`, `skip_nonfinite_gradients` and `slot_layout` are passed
+    to the core.
 
     Example:
         model.compile(optimizer=tf_adamw.keras.AdamW(1e-3,
@@ -394,8 +396,9 @@ class AdamW(keras.optimizers.Optimizer):
     # Configuration.
 
     def get_config(self):
-        """Keras AdamW's keys, plus `fused`, `jit_compile` and
-        `skip_nonfinite_gradients`.
+        """Keras AdamW's keys, plus `fused`, `jit_compile`,
+        `skip_nonfinite_gradients` and (when not the default)
+        `slot_layout`.
 
         Raises:
             ValueError: a hyperparameter is a plain Python callable.
@@ -420,7 +423,9 @@ class AdamW(keras.optimizers.Optimizer):
             ema_overwrite_frequency=self.ema_overwrite_frequency,
             loss_scale_factor=self.loss_scale_factor,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
-            **{key: ours[key] for key in _OUR_KEYWORDS})
+            # `slot_layout` only when not the default, as in the core's.
+            **{key: ours[key] for key in _OUR_KEYWORDS + ("slot_layout",)
+               if key in ours})
         return config
 
     @classmethod
