@@ -121,8 +121,7 @@ def _run(case, strategy, jit_compile=True, fused=None,
         variables = _make_variables(dtype)
         optimizer = _optimizer(case, jit_compile, fused, slot_layout)
         optimizer.build(variables)
-    assert optimizer.uses_fused_kernel == (
-        fused is None and slot_layout == "separate")
+    assert optimizer.uses_fused_kernel == (fused is None)
 
     def replica_step(x, y, ids):
         with tf.GradientTape() as tape:
@@ -205,17 +204,18 @@ def test_tpu_like_no_merge_call_equals_one_device(case, tpu_like_strategy):
 _PACKED_ONE_DEVICE = {}
 
 
-@pytest.mark.parametrize("strategy", ["mirrored", "tpu_like"])
+@pytest.mark.parametrize("strategy,fused", [("mirrored", None),
+                                            ("mirrored", False),
+                                            ("tpu_like", False)])
 @pytest.mark.parametrize("case", ["global_clipnorm", "ema_overwrite",
                                   "accumulation_schedule_ema"])
-def test_packed_slots_equal_one_device(case, strategy, request):
-    """`slot_layout="packed"`: its views' replica copies, against the
-    packed optimizer on one device."""
+def test_packed_slots_equal_one_device(case, strategy, fused, request):
+    """`slot_layout="packed"` (the fused kernel, or the XLA step): its
+    views' replica copies, against the packed optimizer on one device."""
     if case not in _PACKED_ONE_DEVICE:
-        _PACKED_ONE_DEVICE[case] = _run(case, None, fused=False,
-                                        slot_layout="packed")
+        _PACKED_ONE_DEVICE[case] = _run(case, None, slot_layout="packed")
     strategy = request.getfixturevalue(f"{strategy}_strategy")
-    _assert_matches(_run(case, strategy, fused=False, slot_layout="packed"),
+    _assert_matches(_run(case, strategy, fused=fused, slot_layout="packed"),
                     _PACKED_ONE_DEVICE[case], case)
 
 

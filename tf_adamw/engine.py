@@ -138,8 +138,7 @@ class Engine:
                 "does not fit the variables it is built with, so nothing was "
                 f"built: {problem}.")
         blocker = step_kinds.kernel_blocker(
-            self.options.fused, table.tf_vars, table.compute_dtypes,
-            self.options.slot_layout)
+            self.options.fused, table.tf_vars, table.compute_dtypes)
         if self.options.fused and blocker:
             raise ValueError(
                 "Argument `fused=True`, but the fused AdamW kernel cannot run "

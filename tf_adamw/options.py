@@ -314,10 +314,10 @@ def extra_keywords(kwargs, *, weight_decay):
     return ours
 
 
-# `slot_layout`: "separate" keeps one variable per slot (the fused CPU
-# kernel's layout); "packed" keeps all of a variable's slots as the rows of
-# one variable, which halves what an XLA step passes and writes per
-# variable (docs/semantics.md, "Slot layouts").
+# `slot_layout`: "separate" keeps one variable per slot; "packed" keeps all
+# of a variable's slots as the rows of one variable, which halves what an
+# XLA step passes and writes per variable (docs/semantics.md, "Slot
+# layouts").
 SLOT_LAYOUTS = ("separate", "packed")
 
 

@@ -1,14 +1,14 @@
 """How each variable's slots are stored: the two `slot_layout`s.
 
 - `"separate"` (the default): one variable per slot (`momentum`,
-  `velocity`, ...), the layout the fused CPU kernel reads through its slot
-  table.
+  `velocity`, ...).
 - `"packed"`: one variable per model variable, of shape
   `[number of slot kinds, *variable.shape]`, whose rows are its slots in
   `state.slot_kinds` order. A step under XLA then passes and writes two
   buffers per variable (the variable and its slots) instead of three to
   six: XLA's cost per buffer, not arithmetic, is most of a step on many
-  small variables (benchmarks/README.md, "Packed slots").
+  small variables (benchmarks/README.md, "Packed slots"). The fused CPU
+  kernel reads either layout through its slot table (`packed_rows`).
 
 With packed slots, users and checkpoints see each slot through a
 `SlotView`: it has the slot's name, shape and dtype, reads and assigns its

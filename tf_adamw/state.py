@@ -497,12 +497,17 @@ def slot_tables(momentums, velocities, velocity_hats, averages=(),
         `{device: table}`.
     """
     per_device = {}
+    packed_rows = 0
     for kind, slots in (("momentums", momentums), ("velocities", velocities),
                         ("velocity_hats", velocity_hats),
                         ("averages", averages),
                         ("accumulators", accumulators)):
         for slot in slots:
-            for copy in distribute.copies(slot):
+            for copy in slots_lib.copies(slot):
+                if isinstance(copy, slots_lib.SlotView):
+                    # Packed: the table holds the variable of the rows.
+                    packed_rows = int(copy.store.shape[0])
+                    copy = copy.store
                 per_device.setdefault(copy.device, {}).setdefault(
                     kind, []).append(copy)
     tables = {}
@@ -511,5 +516,5 @@ def slot_tables(momentums, velocities, velocity_hats, averages=(),
             tables[device] = kernels.slot_table(
                 kinds["momentums"], kinds["velocities"],
                 kinds.get("velocity_hats", []), kinds.get("averages", []),
-                kinds.get("accumulators", []))
+                kinds.get("accumulators", []), packed_rows=packed_rows)
     return tables

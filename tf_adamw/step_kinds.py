@@ -139,21 +139,16 @@ class StepRunner:
         return self.functions[kind]
 
 
-def kernel_blocker(fused, tf_vars, compute_dtypes, slot_layout="separate"):
+def kernel_blocker(fused, tf_vars, compute_dtypes):
     """Why the fused kernel cannot update `tf_vars`, or None if it can.
 
     Args:
         fused: the `fused` option (None, True or False).
         tf_vars: the model variables (possibly mirrored).
         compute_dtypes: their compute dtypes.
-        slot_layout: the `slot_layout` option (the kernel reads separate
-            slots).
     """
     if fused is False:
         return "`fused=False`"
-    if slot_layout != "separate":
-        return (f"`slot_layout={slot_layout!r}` (the kernel reads separate "
-                "slots)")
     for variable, dtype in zip(tf_vars, compute_dtypes):
         if dtype != tf.float32:
             return (f"variable {variable.name!r} has dtype "

@@ -63,13 +63,18 @@ REGISTER_OP("TfAdamwSlotTable")
     .Attr("num_velocity_hats: int >= 0")
     .Attr("num_averages: int >= 0")
     .Attr("num_accumulators: int >= 0 = 0")
+    .Attr("packed_rows: int >= 0 = 0")
     .SetIsStateful()
     .SetShapeFn(::tensorflow::shape_inference::ScalarShape)
     .Doc(R"doc(
 A table of an optimizer's slot variables on one device, for TfAdamwFusedApply:
 one momentum and one velocity per variable, a velocity hat (AMSGrad) or
 none (num_velocity_hats = 0), an EMA average or none (num_averages = 0), and
-a gradient accumulator or none (num_accumulators = 0).
+a gradient accumulator or none (num_accumulators = 0). With packed_rows = k
+> 0 the slots are packed (tf_adamw's slot_layout="packed"): entry i of every
+kind is the same variable of k times variable i's elements, and each kind
+present, in the order above, is one row of it (momentum row 0, velocity row
+1, then the velocity hat, average and accumulator rows when present).
 )doc");
 
 REGISTER_OP("TfAdamwFusedApply")
@@ -117,6 +122,14 @@ slots and gradients are float32, and gradient i has variable i's shape. All
 inputs are checked before any value changes.
 )doc");
 
+// One slot of one variable: a whole variable (separate slots, rows = 1),
+// or row `row` of a variable of `rows` slots of equal size (packed slots).
+struct Slot {
+  Var* var;
+  int row;
+  int rows;
+};
+
 class SlotTable : public ::tensorflow::ResourceBase {
  public:
   // Entry i of each kind belongs to one variable; velocity_hats is empty
@@ -126,12 +139,23 @@ class SlotTable : public ::tensorflow::ResourceBase {
             std::vector<RefCountPtr<Var>> velocities,
             std::vector<RefCountPtr<Var>> velocity_hats,
             std::vector<RefCountPtr<Var>> averages,
-            std::vector<RefCountPtr<Var>> accumulators)
+            std::vector<RefCountPtr<Var>> accumulators, int packed_rows)
       : momentums_(std::move(momentums)),
         velocities_(std::move(velocities)),
         velocity_hats_(std::move(velocity_hats)),
         averages_(std::move(averages)),
-        accumulators_(std::move(accumulators)) {}
+        accumulators_(std::move(accumulators)),
+        rows_(packed_rows == 0 ? 1 : packed_rows) {
+    // Packed: each kind present is the next row, in the kinds' order.
+    int row = 0;
+    const std::vector<RefCountPtr<Var>>* kinds[] = {
+        &momentums_, &velocities_, &velocity_hats_, &averages_,
+        &accumulators_};
+    for (int kind = 0; kind < 5; ++kind) {
+      row_[kind] = 0;
+      if (packed_rows != 0 && !kinds[kind]->empty()) row_[kind] = row++;
+    }
+  }
 
   std::string DebugString() const override {
     return absl::StrCat("TfAdamwSlotTable of ", size(), " variables");
@@ -141,11 +165,17 @@ class SlotTable : public ::tensorflow::ResourceBase {
   bool amsgrad() const { return !velocity_hats_.empty(); }
   bool averaged() const { return !averages_.empty(); }
   bool accumulates() const { return !accumulators_.empty(); }
-  Var* momentum(int i) const { return momentums_[i].get(); }
-  Var* velocity(int i) const { return velocities_[i].get(); }
-  Var* velocity_hat(int i) const { return velocity_hats_[i].get(); }
-  Var* average(int i) const { return averages_[i].get(); }
-  Var* accumulator(int i) const { return accumulators_[i].get(); }
+  Slot momentum(int i) const { return {momentums_[i].get(), row_[0], rows_}; }
+  Slot velocity(int i) const {
+    return {velocities_[i].get(), row_[1], rows_};
+  }
+  Slot velocity_hat(int i) const {
+    return {velocity_hats_[i].get(), row_[2], rows_};
+  }
+  Slot average(int i) const { return {averages_[i].get(), row_[3], rows_}; }
+  Slot accumulator(int i) const {
+    return {accumulators_[i].get(), row_[4], rows_};
+  }
 
  private:
   const std::vector<RefCountPtr<Var>> momentums_;
@@ -153,12 +183,16 @@ class SlotTable : public ::tensorflow::ResourceBase {
   const std::vector<RefCountPtr<Var>> velocity_hats_;
   const std::vector<RefCountPtr<Var>> averages_;
   const std::vector<RefCountPtr<Var>> accumulators_;
+  const int rows_;  // slots per variable of the table: 1 unless packed
+  int row_[5];      // each kind's row (0 unless packed)
 };
 
 class SlotTableOp : public OpKernel {
  public:
   explicit SlotTableOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_variables", &num_variables_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("packed_rows", &packed_rows_));
+    int kinds = 2;
     for (const char* attr :
          {"num_velocity_hats", "num_averages", "num_accumulators"}) {
       int count = 0;
@@ -166,7 +200,12 @@ class SlotTableOp : public OpKernel {
       OP_REQUIRES(ctx, count == 0 || count == num_variables_,
                   absl::InvalidArgumentError(
                       absl::StrCat(attr, " must be 0 or num_variables")));
+      if (count != 0) ++kinds;
     }
+    OP_REQUIRES(ctx, packed_rows_ == 0 || packed_rows_ == kinds,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "packed_rows is ", packed_rows_, " but the table holds ",
+                    kinds, " slot kinds (0: separate slots)")));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -198,12 +237,13 @@ class SlotTableOp : public OpKernel {
         ::tensorflow::ResourceHandle::MakeRefCountingHandle(
             new SlotTable(std::move(kinds[0]), std::move(kinds[1]),
                           std::move(kinds[2]), std::move(kinds[3]),
-                          std::move(kinds[4])),
+                          std::move(kinds[4]), packed_rows_),
             ctx->device()->name());
   }
 
  private:
   int num_variables_;
+  int packed_rows_ = 0;
 };
 
 struct Scalars {
@@ -405,22 +445,41 @@ absl::Status Writable(OpKernelContext* ctx, Var* var, DataType dtype,
 }
 
 // Checks slot `kind` of variable i (initialized, float32, `size`
-// elements); when `out` is not null, sets it to a writable buffer.
-absl::Status CheckSlot(OpKernelContext* ctx, Var* slot, int64_t size,
-                       const char* kind, int i, void** out) {
-  if (!slot->is_initialized) {
+// elements; packed: its variable has `slot.rows` times that); sets `*data`
+// (when not null) to the slot's first element, and when `out` is not null,
+// sets it to the slot's first element in a writable buffer. `writable`
+// lists the variables made writable for this variable so far: a packed
+// variable is made writable once (a second copy, in copy-on-read mode,
+// would leave the rows already handed out in the first).
+absl::Status CheckSlot(OpKernelContext* ctx, const Slot& slot, int64_t size,
+                       const char* kind, int i, void** out,
+                       const float** data = nullptr,
+                       std::vector<Var*>* writable = nullptr) {
+  Var* var = slot.var;
+  if (!var->is_initialized) {
     return absl::FailedPreconditionError(
         absl::StrCat(kind, " of variable ", i, " is not initialized"));
   }
-  if (slot->tensor()->dtype() != ::tensorflow::DT_FLOAT ||
-      slot->tensor()->NumElements() != size) {
+  if (var->tensor()->dtype() != ::tensorflow::DT_FLOAT ||
+      var->tensor()->NumElements() != size * slot.rows) {
     return absl::InvalidArgumentError(absl::StrCat(
-        kind, " of variable ", i, " must be float32 with ", size,
-        " elements; it is ", DataTypeString(slot->tensor()->dtype()),
-        " with ", slot->tensor()->NumElements()));
+        kind, " of variable ", i, " must be float32 with ", size * slot.rows,
+        " elements", slot.rows > 1 ? absl::StrCat(" (", slot.rows, " packed "
+                                                  "rows of ", size, ")")
+                                   : "",
+        "; it is ", DataTypeString(var->tensor()->dtype()), " with ",
+        var->tensor()->NumElements()));
   }
+  const int64_t offset = static_cast<int64_t>(slot.row) * size;
+  if (data != nullptr) *data = var->tensor()->flat<float>().data() + offset;
   if (out == nullptr) return absl::OkStatus();
-  return Writable(ctx, slot, ::tensorflow::DT_FLOAT, out);
+  if (writable == nullptr ||
+      std::find(writable->begin(), writable->end(), var) == writable->end()) {
+    TF_RETURN_IF_ERROR(Writable(ctx, var, ::tensorflow::DT_FLOAT, out));
+    if (writable != nullptr) writable->push_back(var);
+  }
+  *out = var->tensor()->flat<float>().data() + offset;
+  return absl::OkStatus();
 }
 
 // Every distinct mutex of `vars`, sorted by address: locking them in that
@@ -576,11 +635,13 @@ class FusedApplyOp : public OpKernel {
     for (size_t i = 0; i < variables.size(); ++i) {
       const int k = list_.slot_indices[i];
       touched.push_back(variables[i].get());
-      touched.push_back(table.momentum(k));
-      touched.push_back(table.velocity(k));
-      if (table.amsgrad()) touched.push_back(table.velocity_hat(k));
-      if (table.averaged()) touched.push_back(table.average(k));
-      if (accumulating) touched.push_back(table.accumulator(k));
+      // Packed slots list their variable once per kind: SortedMutexes
+      // locks it once.
+      touched.push_back(table.momentum(k).var);
+      touched.push_back(table.velocity(k).var);
+      if (table.amsgrad()) touched.push_back(table.velocity_hat(k).var);
+      if (table.averaged()) touched.push_back(table.average(k).var);
+      if (accumulating) touched.push_back(table.accumulator(k).var);
     }
     return touched;
   }
@@ -618,29 +679,32 @@ class FusedApplyOp : public OpKernel {
     if (apply) TF_RETURN_IF_ERROR(Writable(ctx, var, dtype, &job->var));
     void* slot = nullptr;
     void** out = apply ? &slot : nullptr;
+    std::vector<Var*> writable;  // of this variable's slots
     TF_RETURN_IF_ERROR(CheckSlot(ctx, table.momentum(k), size, "momentum", name,
-                                 out));
+                                 out, nullptr, &writable));
     job->m = static_cast<float*>(slot);
     TF_RETURN_IF_ERROR(CheckSlot(ctx, table.velocity(k), size, "velocity", name,
-                                 out));
+                                 out, nullptr, &writable));
     job->v = static_cast<float*>(slot);
     slot = nullptr;
     if (table.amsgrad()) {
       TF_RETURN_IF_ERROR(CheckSlot(ctx, table.velocity_hat(k), size,
-                                   "velocity_hat", name, out));
+                                   "velocity_hat", name, out, nullptr,
+                                   &writable));
     }
     job->v_hat = static_cast<float*>(slot);
     slot = nullptr;
     if (table.averaged()) {
       TF_RETURN_IF_ERROR(CheckSlot(ctx, table.average(k), size, "average", name,
-                                   out));
+                                   out, nullptr, &writable));
     }
     job->average = static_cast<float*>(slot);
     slot = nullptr;
     if (accumulating) {
       TF_RETURN_IF_ERROR(CheckSlot(ctx, table.accumulator(k), size,
                                    "accumulator", name,
-                                   apply || accumulate ? &slot : nullptr));
+                                   apply || accumulate ? &slot : nullptr,
+                                   nullptr, &writable));
     }
     job->accumulator = static_cast<float*>(slot);
     return absl::OkStatus();
@@ -715,12 +779,14 @@ class AccumulatedMeansOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {0}, &out));
       return;
     }
-    std::vector<Var*> accumulators(n);
+    std::vector<Slot> accumulators(n);
+    std::vector<Var*> vars(n);
     for (int i = 0; i < n; ++i) {
       accumulators[i] = table->accumulator(list_.slot_indices[i]);
+      vars[i] = accumulators[i].var;
     }
     std::vector<::tensorflow::tf_shared_lock> locks;
-    for (auto* mu : SortedMutexes(accumulators)) locks.emplace_back(*mu);
+    for (auto* mu : SortedMutexes(vars)) locks.emplace_back(*mu);
     std::vector<int64_t> sizes(n), offsets(n, 0);
     std::vector<const float*> grads(n), sums(n);
     int64_t total = 0;
@@ -729,9 +795,8 @@ class AccumulatedMeansOp : public OpKernel {
       sizes[i] = grad.NumElements();
       OP_REQUIRES_OK(ctx, CheckSlot(ctx, accumulators[i], sizes[i],
                                     "accumulator", list_.first_variable + i,
-                                    nullptr));
+                                    nullptr, &sums[i]));
       grads[i] = grad.flat<float>().data();
-      sums[i] = accumulators[i]->tensor()->flat<float>().data();
       offsets[i] = total;
       total += sizes[i];
     }

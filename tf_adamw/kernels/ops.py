@@ -10,17 +10,21 @@ from tf_adamw.kernels import loader
 
 
 def slot_table(momentums, velocities, velocity_hats, averages=(),
-               accumulators=()):
+               accumulators=(), packed_rows=0):
     """A `TfAdamwSlotTable`: one device's slots, for `fused_apply`.
 
     Args:
         momentums, velocities: float32 resource variables, one of each per
-            model variable, on one device.
+            model variable, on one device (packed: the same variable in
+            every list, see `packed_rows`).
         velocity_hats: `[]`, or AMSGrad's maxima, one per model variable.
         averages: `[]`, or the EMA averages, one per model variable: then
             `fused_apply` also moves the averages.
         accumulators: `[]`, or the gradient accumulators, one per model
             variable: then `fused_apply` applies their mean or adds to them.
+        packed_rows: 0 for separate slot variables; `k` when each list
+            holds, per model variable, its packed slots (`tf_adamw.slots`):
+            one variable of `k` rows, the kinds given in the order above.
 
     Returns:
         A scalar resource tensor on that device (make it eagerly, under
@@ -32,7 +36,8 @@ def slot_table(momentums, velocities, velocity_hats, averages=(),
         velocities=[v.handle for v in velocities],
         velocity_hats=[v.handle for v in velocity_hats],
         averages=[v.handle for v in averages],
-        accumulators=[v.handle for v in accumulators])
+        accumulators=[v.handle for v in accumulators],
+        packed_rows=packed_rows)
 
 
 def fused_apply(variables, table, slot_indices, grads, *, alpha,
