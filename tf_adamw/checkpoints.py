@@ -94,11 +94,15 @@ def trackable_paths(root):
 # slots, checked against the variables it is built with.
 
 
-def pending_slots(slot_lists):
+def pending_slots(slot_lists, recorded=None):
     """What a restore into an unbuilt optimizer left waiting for its slots.
 
     Args:
         slot_lists: `{kind: tracked list}` of the (empty) slot lists.
+        recorded: the slot guard's record of the same restore
+            (`slot_guard.SlotGuard.pending`), or None: the names of slots
+            whose checkpoint attributes name none (a `slots.SlotView` is no
+            variable, and TF records names of variables only).
 
     Returns:
         `{kind: {index: (saved name, saved shape)}}`; empty when no restore
@@ -112,9 +116,12 @@ def pending_slots(slot_lists):
             attributes = positions[0].object_proto.attributes
             if attributes and name.isdigit():
                 key = attributes[0].checkpoint_key
+                full_name = attributes[0].full_name
+                if not full_name and recorded:
+                    full_name = recorded.get(kind, {}).get(
+                        int(name), ("", None))[0]
                 out.setdefault(kind, {})[int(name)] = (
-                    attributes[0].full_name,
-                    list(positions[0].checkpoint.shape_map[key]))
+                    full_name, list(positions[0].checkpoint.shape_map[key]))
     return out
 
 

@@ -111,8 +111,10 @@ class Engine:
     # ------------------------------------------------------------------
     # Building.
 
-    def build(self, var_list):
-        """Checks `var_list`, creates the slots and the kernel's tables.
+    def build(self, var_list, recorded=None):
+        """Checks `var_list`, creates the slots and the kernel's tables;
+        `recorded`: the slot guard's record of a restore waiting for them
+        (`checkpoints.pending_slots`).
 
         Raises:
             ValueError: see `AdamW.build`.
@@ -130,7 +132,7 @@ class Engine:
         strategy = distribute.strategy_for_build(self.init_strategy)
         table = state_lib.VariableTable(var_list, self.decay_mask)
         problem = checkpoints.slot_problem(
-            checkpoints.pending_slots(self.slot_lists),
+            checkpoints.pending_slots(self.slot_lists, recorded),
             state_lib.expected_slots(table, self.options))
         if problem:
             raise ValueError(

@@ -364,7 +364,8 @@ class AdamW(tf.Module, attributes.Attributes):
                 with a different list, or a build under another strategy
                 than the optimizer's or inside `strategy.run`.
         """
-        self._engine.build(list(var_list))
+        self._engine.build(list(var_list), self._slot_guard.pending)
+        self._slot_guard.pending = None
         self.built = True
 
     @property

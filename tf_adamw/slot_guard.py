@@ -92,6 +92,10 @@ class SlotGuard(tf.__internal__.tracking.Trackable):
 
     def __init__(self, slot_lists):
         self._slot_lists = slot_lists
+        # The record a restore into the unbuilt optimizer brought: `build()`
+        # takes the slots' names from it where the checkpoint's attributes
+        # name none (packed slots, `checkpoints.pending_slots`).
+        self.pending = None
         # The child whose name is the record. It holds no value.
         self._record = tf.__internal__.tracking.Trackable()
 
@@ -108,6 +112,8 @@ class SlotGuard(tf.__internal__.tracking.Trackable):
         """
         saved = parse(name)
         own = describe(self._slot_lists)
+        if saved is not None and not own:
+            self.pending = saved
         # Unbuilt: `build()` checks the slots the restore left waiting
         # (`checkpoints.pending_slots`).
         if saved is not None and own:

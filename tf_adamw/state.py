@@ -458,6 +458,7 @@ def step_state(tf_vars, slots, counters, local=distribute.local):
     iterations, *optional = counters
     accumulation_count, skipped_steps, dynamic_scale, step_counter = [
         None if c is None else local(c) for c in optional]
+
     def local_slots(kind):
         return [slots_lib.local_slot(s, local) for s in slots[kind]]
 
