@@ -74,6 +74,9 @@ CONFIGS = {
     "fused_ema_clip_skip": _config(
         "ours", "ours, fused kernel, tf.function, EMA + clip + skip_nonfinite",
         options=dict(EMA_CLIP, skip_nonfinite_gradients=True)),
+    "fused_packed_ema_clip": _config(
+        "ours", "ours, fused kernel, tf.function, EMA + clip, packed slots",
+        options=dict(EMA_CLIP, slot_layout="packed"), extra=True),
     # One optional stage at a time (--configs all): the cost of each.
     "fused_ema": _config("ours", "ours, fused kernel, tf.function, EMA",
                          options={"use_ema": True}, extra=True),
