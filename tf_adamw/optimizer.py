@@ -55,6 +55,13 @@ _SLOTS_IN_FUSED_STEP = (
 _PACKED_SLOTS = "_packed_slots"
 
 
+def _packed_slots(optimizer):
+    """`optimizer`'s packed slot variables as one trackable, or None (no
+    packed slots, or `__init__` still running)."""
+    engine = optimizer.__dict__.get("_engine")
+    return engine.packed_children if engine and engine.packed_stores else None
+
+
 class AdamW(tf.Module, attributes.Attributes):
     """Optimizer that implements the AdamW algorithm.
 
@@ -109,9 +116,8 @@ class AdamW(tf.Module, attributes.Attributes):
             `skip_nonfinite_gradients` (default False: a call whose summed
             gradients hold NaN or Inf changes nothing but
             `skipped_steps`) and `slot_layout` (`"separate"`, the
-            default: one variable per slot; `"packed"`: each variable's
-            slots are the rows of one variable, for steps under XLA on
-            many variables; `slots_for()` then gives views of the rows).
+            default; `"packed"`: each variable's slots are the rows of one
+            variable, for XLA on many variables; `slots_for()` gives views).
             `decay` is ignored with a warning, as in
             Keras; any other key is an error. See docs/semantics.md.
     """
@@ -165,12 +171,10 @@ class AdamW(tf.Module, attributes.Attributes):
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         children = super()._trackable_children(save_type, **kwargs)
-        engine = self.__dict__.get("_engine")
-        if save_type == "savedmodel" and engine and engine.packed_stores:
-            # The packed slot variables the saved functions capture (their
-            # views are the slot lists' entries, for checkpoints). First:
-            # loading restores them before the views, which read them.
-            children = {_PACKED_SLOTS: engine.packed_children, **children}
+        if save_type == "savedmodel" and _packed_slots(self):
+            # What the saved functions capture; first: loading restores it
+            # before the slot views, which read it.
+            children = {_PACKED_SLOTS: _packed_slots(self), **children}
         if save_type == "checkpoint":
             # The slot guard first: checked before the slot lists are walked
             # (tf_adamw/slot_guard.py). Hyperparameter guards replace their
@@ -186,11 +190,8 @@ class AdamW(tf.Module, attributes.Attributes):
         guard = self._checkpoint_guards().get(name)
         if guard is not None:
             return guard
-        engine = self.__dict__.get("_engine")
-        if name == _PACKED_SLOTS and engine and engine.packed_stores:
-            # A training SavedModel's packed variables, read back into a
-            # rebuilt optimizer (`export.restore_training_variables`).
-            return engine.packed_children
+        if name == _PACKED_SLOTS and _packed_slots(self):
+            return _packed_slots(self)  # `restore_training_variables`
         return super()._lookup_dependency(name, cached_dependencies)
 
     def _checkpoint_guards(self):
