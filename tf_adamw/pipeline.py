@@ -419,8 +419,8 @@ def _assign(variable, value, predicate=None, old=None):
     value it was read as, else read here. A select, not a branch: XLA fuses
     it into the loop computing `value`."""
     if predicate is not None:
-        value = tf.where(predicate, value,
-                         variable.read_value() if old is None else old)
+        value = _select(predicate, value,
+                        variable.read_value() if old is None else old)
     variable.assign(value, read_value=False)
     return value
 
