@@ -313,28 +313,37 @@ def accumulate_or_apply(step, grads, scalars, norm=None, applied=None):
     accumulators = step.state.accumulators
     overwrites = step.table.overwrites
     before, last, applies, _ = _accumulation_flags(step, applied)
-    olds = [accumulator.read_value() for accumulator in accumulators]
+    reads = [slots_lib.read_slot(accumulator) for accumulator in accumulators]
+    olds = [value for value, _ in reads]
     # An overwritten variable's accumulator keeps the maximum (Keras's
     # rule, `_overwrite_variables_directly_with_gradients`).
     summed = {i: tf.maximum(g, olds[i]) if i in overwrites else olds[i] + g
               for i, g in grads.items()}
-    written = {i: _select(applied, tf.where(last, tf.zeros_like(olds[i]),
-                                            s), olds[i])
+    # Zero and k once per dtype, not one constant per variable each.
+    zero, count = {}, {}
+    for dtype in {s.dtype for s in summed.values()}:
+        zero[dtype], count[dtype] = tf.zeros([], dtype), tf.constant(k, dtype)
+    written = {i: _select(applied, tf.where(last, zero[s.dtype], s), olds[i])
                for i, s in summed.items()}
     # The TF-op update writes the accumulators of the variables it updates
-    # with their other slots: packed, one write per variable, not two.
+    # with their other slots: packed, one write per variable, not two, and
+    # from the rows read here, not read again.
     with_update = {} if step.fused else {
-        i: a for i, a in written.items() if i not in overwrites}
-    apply_update(step, {i: s if i in overwrites else s / tf.cast(k, s.dtype)
-                        for i, s in summed.items()}, scalars,
-                 predicate=applies, accumulators=with_update)
-    for i, (accumulator, old) in enumerate(zip(accumulators, olds)):
-        if i in with_update:
-            continue
-        if i in written:
-            accumulator.assign(written[i], read_value=False)
-        else:  # no gradient this call: zeroed only by an applying call
-            _assign(accumulator, tf.zeros_like(old), applies, old)
+        i: (a, reads[i][1]) for i, a in written.items() if i not in overwrites}
+    kernel = apply_update(
+        step, {i: s if i in overwrites else s / count[s.dtype]
+               for i, s in summed.items()}, scalars, predicate=applies,
+        accumulators=with_update)
+    # A packed accumulator is written with its variable's other rows as
+    # read now: after the kernel's writes to them (out of TF's sight).
+    with tf.control_dependencies([] if kernel is None else [kernel]):
+        for i, (accumulator, old) in enumerate(zip(accumulators, olds)):
+            if i in with_update:
+                continue
+            if i in written:
+                accumulator.assign(written[i], read_value=False)
+            else:  # no gradient this call: zeroed only by an applying call
+                _assign(accumulator, tf.zeros_like(old), applies, old)
     _count_accumulation(step, before, last, applied)
 
 
@@ -396,10 +405,17 @@ def apply_update(step, grads, scalars, norm=None, predicate=None,
     does not, the fused kernel is told so and every TF-op write selects
     the old value (`_assign`). `accumulate`: for the kernel accumulating
     (`accumulate_in_kernel`), whether the call only adds.
-    `accumulators`: `{index: value}`, accumulators the TF-op update writes
-    with the other slots of their variable (`accumulate_or_apply`).
+    `accumulators`: `{index: (value, rows)}`, accumulators the TF-op
+    update writes with the other slots of their variable, and the rows of
+    their packed variable as read (`slots.read_slot`; None: separate)
+    (`accumulate_or_apply`).
+
+    Returns:
+        The fused kernel's op, which what reads the slots afterwards must
+        wait for, or None.
     """
     grads = overwrite_with_gradient(step, grads, predicate)
+    kernel = None
     if grads:
         grads, grad_scale = clip(step, grads, norm)
         averaged, kernel = decay_and_adam(step, grads, scalars, grad_scale,
@@ -412,6 +428,7 @@ def apply_update(step, grads, scalars, norm=None, predicate=None,
     step.state.iterations.assign_add(  # step 10
         1 if predicate is None else tf.cast(predicate, tf.int64),
         read_value=False)
+    return kernel
 
 
 def _assign(variable, value, predicate=None, old=None):
@@ -551,8 +568,9 @@ def _update_variable_args(step, i, grad, scalars, grad_scale=None,
                           ema_momentums=None, predicate=None,
                           accumulator=None):
     """The arguments of `update_variable` for variable `i`
-    (`ema_momentums` of `_ema_momentums`; `accumulator`: the value to
-    write into its accumulator, or None)."""
+    (`ema_momentums` of `_ema_momentums`; `accumulator`: `(the value to
+    write into its accumulator, its store's rows as read or None)`, or
+    None)."""
     st, options = step.state, step.options
     s = scalars[step.table.compute_dtypes[i]]
     hyper = (s["alpha"], s["one_minus_beta_1"], s["one_minus_beta_2"],
@@ -560,13 +578,14 @@ def _update_variable_args(step, i, grad, scalars, grad_scale=None,
     # `grads` holds no overwritten variable here: each one averaged has
     # its average.
     average = None if ema_momentums is None else st.averages[i]
+    value, rows = (None, None) if accumulator is None else accumulator
     slots = slots_lib.for_update(
         st.momentums[i], st.velocities[i],
         st.velocity_hats[i] if options.amsgrad else None, average,
-        None if accumulator is None else st.accumulators[i])
+        None if accumulator is None else st.accumulators[i], rows)
     return (st.variables[i], slots, grad, hyper, grad_scale,
             None if average is None else ema_momentums(average.dtype),
-            predicate, accumulator)
+            predicate, value)
 
 
 def update_variable(variable, slots, grad, hyper, grad_scale=None, ema=None,

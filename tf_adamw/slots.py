@@ -297,11 +297,17 @@ class PackedSlots(typing.NamedTuple):
     # (momentum, velocity, velocity_hat, average, accumulator) rows.
     rows: tuple
     count: int  # rows of `store`
+    # Every row's value, when the step has read the store already (for its
+    # accumulator, `read_slot`): not read a second time.
+    values: typing.Any = None
 
     def read(self):
         """`(every row, [row value or None for momentum, velocity,
         velocity hat, average])`: one read of the variable."""
-        rows = unstack(self.store.read_value())
+        # `value()`: the read alone (`read_value()` adds an Identity, one op
+        # more per variable to trace).
+        rows = (unstack(self.store.value()) if self.values is None
+                else list(self.values))
         return rows, [None if r is None else rows[r] for r in self.rows[:4]]
 
     def write(self, read, values):
@@ -314,14 +320,25 @@ class PackedSlots(typing.NamedTuple):
                           read_value=False)
 
 
+def read_slot(slot):
+    """`(value, rows)`: the value of a slot variable or view, and for a
+    view every row of its store as read with it (`for_update`'s `values`),
+    else None."""
+    if isinstance(slot, SlotView):
+        rows = unstack(slot.store.value())
+        return rows[slot.row], rows
+    return slot.read_value(), None
+
+
 def for_update(momentum, velocity, velocity_hat=None, average=None,
-               accumulator=None):
+               accumulator=None, values=None):
     """`PackedSlots` when the slots are views of one store, else
-    `SeparateSlots`."""
+    `SeparateSlots`; `values`: the store's rows if read already
+    (`read_slot`)."""
     slots = (momentum, velocity, velocity_hat, average, accumulator)
     if isinstance(momentum, SlotView):
         store = momentum.store
         return PackedSlots(
             store, tuple(None if s is None else s.row for s in slots),
-            int(store.shape[0]))
+            int(store.shape[0]), values)
     return SeparateSlots(*slots)
