@@ -152,7 +152,8 @@ def test_packed_accumulators_beside_the_kernel_are_written_after_it():
     written with its variable's other rows, which the kernel writes out of
     TF's sight, so the write waits for the kernel (else it may put back
     the rows as they were before it, depending on the executor's order:
-    the bit-for-bit comparison alone passed about one run in two)."""
+    the bit-for-bit comparison alone passed in one of the two runs tried
+    before the fix)."""
     optimizer, variables, concrete = _kernel_beside_accumulation_in_ops(
         "packed")
     graph = concrete.graph
