@@ -146,8 +146,8 @@ def test_ema_clip_guard_and_accumulation_add_no_op_per_variable(
     """With the EMA, the global clip, the non-finite guard and gradient
     accumulation (issue #13): no update op per variable and no conditional
     around the kernel; what is left per variable is the placeholders of
-    its gradient and its handle, and one reshape (with its shape constant)
-    for the sum of squares."""
+    its gradient and its handle (the sum of squares flattens every
+    gradient with one `TfAdamwFlatConcat`)."""
     stages = dict(use_ema=True, global_clipnorm=1.0,
                   skip_nonfinite_gradients=True,
                   gradient_accumulation_steps=accumulation)
@@ -156,7 +156,8 @@ def test_ema_clip_guard_and_accumulation_add_no_op_per_variable(
     assert "If" not in many and "StatelessIf" not in many, many
     per_variable = {op: many.count(op) - few.count(op) for op in set(many)}
     assert {op: d for op, d in per_variable.items() if d} == {
-        "Placeholder": 60, "Reshape": 30, "Const": 30}, per_variable
+        "Placeholder": 60}, per_variable
+    assert many.count("TfAdamwFlatConcat") == 1, many
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
@@ -489,6 +490,34 @@ def test_accumulated_means_are_the_mean_gradients_or_empty():
                        match="accumulation_steps must be at least 1; it is 0"):
         kernels.accumulated_means(table, [0], [tf.ones([2])],
                                   tf.constant(0.0), tf.constant(True))
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32",
+                                   "float64"])
+def test_flat_concat_is_the_concatenation_of_reshapes_bit_for_bit(mode,
+                                                                   dtype):
+    """The sum of squares' flattening beside the kernel: the same bits as
+    TF's reshapes and concat, scalars and empty tensors included, and
+    past the size the op splits across threads; so the global norm rounds
+    as in the plain-ops step."""
+    rng = np.random.default_rng(1)
+    shapes = [(3, 4), (), (0, 3), (5,), (2, 1, 3), (700, 500), (7,)]
+    values = [tf.cast(rng.normal(size=s) * 1e3, dtype) for s in shapes]
+    flat = (kernels.flat_concat if mode == "eager"
+            else tf.function(kernels.flat_concat))(values)
+    expected = tf.concat([tf.reshape(v, [-1]) for v in values], 0)
+    assert flat.dtype == expected.dtype and flat.shape == expected.shape
+    bits = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}[flat.dtype.size]
+    np.testing.assert_array_equal(tf.bitcast(flat, bits).numpy(),
+                                  tf.bitcast(expected, bits).numpy())
+    # Its static shape is known when every input's element count is.
+    traced = tf.function(kernels.flat_concat).get_concrete_function(
+        [tf.TensorSpec([3, 4]), tf.TensorSpec([None, 2])])
+    assert traced.output_shapes.as_list() == [None]
+    traced = tf.function(kernels.flat_concat).get_concrete_function(
+        [tf.TensorSpec([3, 4]), tf.TensorSpec([0, None])])
+    assert traced.output_shapes.as_list() == [12]
 
 
 def test_float64_variables_take_the_xla_step():

@@ -259,7 +259,8 @@ def guard_and_apply(step, grads, scalars, valid=None):
     norm, finite = None, None
     regular = _regular(step, grads)
     if guards(step.options) and regular:
-        total = update.sum_of_squares([regular[i] for i in sorted(regular)])
+        total = update.sum_of_squares([regular[i] for i in sorted(regular)],
+                                      _flatten(step))
         finite = tf.math.is_finite(total)
         checks.append(finite)
         rule = step.options.clip_rule()
@@ -273,6 +274,13 @@ def guard_and_apply(step, grads, scalars, valid=None):
     if applied is not None:
         count_skipped(step, where=tf.logical_not(applied))
     adjust_loss_scale(step, finite, applied)
+
+
+def _flatten(step):
+    """How the global norm's sum of squares flattens the gradients: the
+    kernel library's one op beside the fused kernel (the same values; no
+    reshape per variable to trace and optimise), else TF's ops."""
+    return kernels.flat_concat if step.fused else None
 
 
 def _kernel_accumulates(step, grads):
@@ -470,7 +478,8 @@ def clip(step, grads, norm=None):
     rule = step.options.clip_rule()
     if rule[0] == "global_clipnorm":
         if norm is None:
-            norm = update.global_norm([grads[i] for i in order])
+            norm = update.global_norm([grads[i] for i in order],
+                                      _flatten(step))
         return grads, update.global_clip_scale(norm, rule[1])
     clipped = update.clip([grads[i] for i in order], rule, norm)
     return dict(zip(order, clipped)), None

@@ -26,13 +26,19 @@ from tf_adamw.kernels.builder import (
     library_path,
 )
 from tf_adamw.kernels.loader import load, unavailable_reason
-from tf_adamw.kernels.ops import accumulated_means, fused_apply, slot_table
+from tf_adamw.kernels.ops import (
+    accumulated_means,
+    flat_concat,
+    fused_apply,
+    slot_table,
+)
 
 __all__ = [
     "SOURCE",
     "KernelBuildError",
     "accumulated_means",
     "build",
+    "flat_concat",
     "fused_apply",
     "library_path",
     "load",

@@ -152,6 +152,21 @@ def accumulated_means(table, slot_indices, grads, accumulation_steps,
     return means[0] if len(means) == 1 else tf.concat(means, 0)
 
 
+def flat_concat(values):
+    """`tf.concat([tf.reshape(v, [-1]) for v in values], 0)` as one op.
+
+    The same values bit for bit (a copy); traced, one op for any number of
+    `values` instead of a reshape and a shape constant each, which on
+    1,000 variables was most of the fused step's tracing and graph
+    optimisation beyond the kernel's (benchmarks/README.md).
+
+    Args:
+        values: a non-empty list of tensors of one dtype (float16,
+            bfloat16, float32 or float64), on the CPU.
+    """
+    return _loaded().tf_adamw_flat_concat(values=list(values))
+
+
 _EAGER_CONSTANTS = {}
 
 
