@@ -225,17 +225,19 @@ class Stores(tf.__internal__.tracking.Trackable):
         return None
 
 
-def create_packed(variable, tf_var, kinds, dtype, prefix, slot_name):
+def create_packed(variable, tf_var, kinds, dtype, prefix, slot_name,
+                  zeros=tf.zeros):
     """The packed variable of `tf_var`'s slots `kinds` (zeros, `dtype`)
     and a `SlotView` of each: `(store, {kind: view})`. Made where the
     caller's scope and colocation say.
 
     `slot_name(variable, kind)` names the slots as the separate layout
-    does; the store is named for the kind `"slots"`.
+    does; the store is named for the kind `"slots"`. `zeros(shape, dtype)`
+    makes its initial value.
     """
     shape = tf_var.shape.as_list()
     store = tf.Variable(
-        tf.zeros([len(kinds)] + shape, dtype), trainable=False,
+        zeros([len(kinds)] + shape, dtype), trainable=False,
         name=f"{prefix}/{slot_name(variable, 'slots')}",
         aggregation=tf.VariableAggregation.NONE)
     return store, {kind: SlotView(store, row,

@@ -403,6 +403,7 @@ def create_slots(table, options, strategy):
     kinds = slot_kinds(options)
     out = {kind: [] for kind in SLOT_KINDS}
     stores = []
+    zeros = _shared_zeros()
     with tf.init_scope():
         for variable, tf_var, dtype in zip(table.var_list, table.tf_vars,
                                            table.compute_dtypes):
@@ -410,17 +411,37 @@ def create_slots(table, options, strategy):
                 if options.slot_layout == "packed":
                     store, views = slots_lib.create_packed(
                         variable, tf_var, kinds, dtype, options.name,
-                        slot_name)
+                        slot_name, zeros)
                     stores.append(store)
                     for kind in kinds:
                         out[kind].append(views[kind])
                     continue
                 for kind in kinds:
                     out[kind].append(tf.Variable(
-                        tf.zeros(tf_var.shape, dtype), trainable=False,
+                        zeros(tf_var.shape, dtype), trainable=False,
                         name=f"{options.name}/{slot_name(variable, kind)}",
                         aggregation=tf.VariableAggregation.NONE))
     return out, stores
+
+
+def _shared_zeros():
+    """`zeros(shape, dtype)`: `tf.zeros`, one tensor per shape and dtype.
+
+    Slots of equal shape start from one tensor: a model repeats few shapes,
+    and a `tf.zeros` per slot was a fifth of `build()` on 1,000 variables.
+    Variables may share their initial buffer: every write to a variable
+    (TF's ops, XLA's, the fused kernel's `Writable`) copies a buffer that
+    another holder still references before it writes.
+    """
+    cache = {}
+
+    def zeros(shape, dtype):
+        key = (tuple(tf.TensorShape(shape).as_list()), tf.as_dtype(dtype))
+        if key not in cache:
+            cache[key] = tf.zeros(shape, dtype)
+        return cache[key]
+
+    return zeros
 
 
 class StepState(typing.NamedTuple):
