@@ -1,4 +1,5 @@
-"""ParameterServerStrategy is refused at `build()` with a clear error.
+"""ParameterServerStrategy is refused at `build()` with a clear error, in
+both slot layouts.
 
 A real in-process cluster (one worker and one parameter server on
 127.0.0.1) runs in a subprocess: connecting to a cluster changes the eager
@@ -37,13 +38,14 @@ SCRIPT = textwrap.dedent("""
     strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
     with strategy.scope():
         v = tf.Variable([1.0])
-        optimizer = tf_adamw.AdamW()
-        try:
-            optimizer.build([v])
-        except ValueError as e:
-            print("REFUSED:", e)
-        else:
-            print("BUILT")
+        for layout in ("separate", "packed"):
+            optimizer = tf_adamw.AdamW(slot_layout=layout)
+            try:
+                optimizer.build([v])
+            except ValueError as e:
+                print(f"REFUSED {layout}:", e)
+            else:
+                print(f"BUILT {layout}")
 """)
 
 
@@ -51,6 +53,8 @@ def test_parameter_server_strategy_is_refused_at_build():
     result = subprocess.run([sys.executable, "-c", SCRIPT],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "REFUSED:" in result.stdout, result.stdout + result.stderr[-3000:]
+    for layout in ("separate", "packed"):
+        assert f"REFUSED {layout}:" in result.stdout, (
+            result.stdout + result.stderr[-3000:])
     assert "ParameterServerStrategy" in result.stdout
     assert "MirroredStrategy" in result.stdout  # says what to use instead
