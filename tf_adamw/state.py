@@ -17,6 +17,7 @@ describes it:
 - `write_averages`: the one way EMA averages are written into variables.
 """
 
+import functools
 import re
 import typing
 
@@ -408,24 +409,26 @@ def create_slots(table, options, strategy):
         for variable, tf_var, dtype in zip(table.var_list, table.tf_vars,
                                            table.compute_dtypes):
             with strategy.extended.colocate_vars_with(tf_var):
+                like_var = functools.partial(zeros, device=tf_var.device)
                 if options.slot_layout == "packed":
                     store, views = slots_lib.create_packed(
                         variable, tf_var, kinds, dtype, options.name,
-                        slot_name, zeros)
+                        slot_name, like_var)
                     stores.append(store)
                     for kind in kinds:
                         out[kind].append(views[kind])
                     continue
                 for kind in kinds:
                     out[kind].append(tf.Variable(
-                        zeros(tf_var.shape, dtype), trainable=False,
+                        like_var(tf_var.shape, dtype), trainable=False,
                         name=f"{options.name}/{slot_name(variable, kind)}",
                         aggregation=tf.VariableAggregation.NONE))
     return out, stores
 
 
 def _shared_zeros():
-    """`zeros(shape, dtype)`: `tf.zeros`, one tensor per shape and dtype.
+    """`zeros(shape, dtype, device)`: `tf.zeros(shape, dtype)`, one tensor
+    per shape and dtype for the slots of variables on `device`.
 
     Slots of equal shape start from one tensor: a model repeats few shapes,
     and a `tf.zeros` per slot was a fifth of `build()` on 1,000 variables.
@@ -435,8 +438,9 @@ def _shared_zeros():
     """
     cache = {}
 
-    def zeros(shape, dtype):
-        key = (tuple(tf.TensorShape(shape).as_list()), tf.as_dtype(dtype))
+    def zeros(shape, dtype, device):
+        key = (tuple(tf.TensorShape(shape).as_list()), tf.as_dtype(dtype),
+               device)
         if key not in cache:
             cache[key] = tf.zeros(shape, dtype)
         return cache[key]
